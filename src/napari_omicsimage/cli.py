@@ -1,0 +1,176 @@
+"""Command line: ``omicsimage render|evaluate|train|predict|explain|demo``.
+
+Every command exits non-zero with a one-line error for bad input, and never
+overwrites an existing output without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import OmicsInputError
+from .io import SAMPLE_DATASETS, load_sample_data, read_expression
+from .layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+from .preprocess import PreprocessConfig
+
+log = logging.getLogger("napari_omicsimage")
+
+
+# ------------------------------------------------------------ shared options
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """INPUT plus the options that say how to read and label it."""
+    parser.add_argument("input", metavar="INPUT",
+                        help="expression file (.h5ad, .csv/.tsv[.gz], 10x .h5 or matrix.mtx folder), "
+                             f"or the name of bundled sample data: {', '.join(SAMPLE_DATASETS)}")
+    parser.add_argument("--labels", metavar="FILE", help="table of sample id → label(s), joined on sample id")
+    parser.add_argument("--label-column", metavar="COL",
+                        help="column holding the class labels (in --labels, or in the h5ad obs)")
+    parser.add_argument("--sample-column", metavar="COL", help="sample-id column of --labels (default: first)")
+    orient = parser.add_mutually_exclusive_group()
+    orient.add_argument("--genes-in-rows", action="store_const", dest="orientation",
+                        const="genes-in-rows", help="tables: genes are rows, samples are columns")
+    orient.add_argument("--samples-in-rows", action="store_const", dest="orientation",
+                        const="samples-in-rows", help="tables: samples are rows, genes are columns")
+    parser.set_defaults(orientation="auto")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--log-scale", action="store_const", const=True, dest="log_scale",
+                       help="values are already log-scale (microarrays): do not normalise again")
+    scale.add_argument("--counts", action="store_const", const=False, dest="log_scale",
+                       help="values are counts: normalise_total + log1p")
+    parser.set_defaults(log_scale=None)
+    parser.add_argument("--n-top-genes", type=int, default=2000,
+                        help="keep this many highly variable genes, fitted on training samples "
+                             "(0 keeps all; default 2000)")
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str = "deepinsight") -> None:
+    parser.add_argument("--method", choices=METHODS, default=default_method, help="how samples become images")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default: 64; grid: smallest square; rgb-embedding: 128)")
+    parser.add_argument("--extractor", choices=FEATURE_EXTRACTORS, default=None,
+                        help="deepinsight: gene embedding (default tsne)")
+    parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=None,
+                        help="deepinsight/fotomics/rgb-layouts: coordinates → pixels (default bin)")
+    parser.add_argument("--order", choices=GRID_ORDERS, default=None, help="grid: gene order (default input)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def layout_spec(args) -> dict:
+    """``{"method", "size", **params}`` from parsed arguments (what layouts.make_layout takes)."""
+    params = {}
+    if args.method in ("deepinsight", "rgb-layouts", "rgb-embedding"):
+        params["random_state"] = args.seed
+    if args.extractor is not None:
+        if args.method != "deepinsight":
+            raise OmicsInputError("--extractor applies to --method deepinsight only.")
+        params["feature_extractor"] = args.extractor
+    if args.discretization is not None:
+        if args.method not in ("deepinsight", "fotomics", "rgb-layouts"):
+            raise OmicsInputError("--discretization applies to deepinsight, fotomics and rgb-layouts.")
+        params["discretization"] = args.discretization
+    if args.order is not None:
+        if args.method != "grid":
+            raise OmicsInputError("--order applies to --method grid only.")
+        params["order"] = args.order
+    return {"method": args.method, "size": args.size, **params}
+
+
+def preprocess_config(args) -> PreprocessConfig:
+    n_top = None if args.n_top_genes in (None, 0) else args.n_top_genes
+    if n_top is not None and n_top < 0:
+        raise OmicsInputError("--n-top-genes must be 0 (all genes) or positive.")
+    return PreprocessConfig(log_scale=args.log_scale, n_top_genes=n_top)
+
+
+def load_input(args, *, require_labels: bool = True):
+    """Read INPUT (or bundled sample data) and return ``(adata, label_column)``."""
+    path = Path(args.input)
+    if not path.exists() and args.input in SAMPLE_DATASETS:
+        adata = load_sample_data(args.input)
+        label_column = args.label_column or SAMPLE_DATASETS[args.input]
+        if args.labels:
+            raise OmicsInputError("bundled sample data carry their own labels; drop --labels.")
+    else:
+        adata = read_expression(path, orientation=args.orientation, labels=args.labels,
+                                label_column=args.label_column, sample_column=args.sample_column)
+        label_column = args.label_column
+        if label_column is None and args.labels:
+            label_column = adata.uns["omicsimage"].get("label_column")
+    if label_column is None and require_labels:
+        raise OmicsInputError("no labels: give --label-column (and --labels FILE if they are in another table).")
+    if label_column is not None:
+        from .io import check_labels
+
+        check_labels(adata, label_column)
+    note = adata.uns.get("omicsimage", {}).get("orientation")
+    if note:
+        print(f"{Path(args.input).name}: {note}; {adata.n_obs} samples × {adata.n_vars} genes", file=sys.stderr)
+    return adata, label_column
+
+
+# ------------------------------------------------------------------ render
+def cmd_render(args) -> int:
+    from .pipeline import imagify, write_render_outputs
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OmicsInputError(f"{out} already exists; choose another --out or pass --overwrite.")
+    adata, label_column = load_input(args, require_labels=False)
+    spec = layout_spec(args)
+    method, size = spec.pop("method"), spec.pop("size")
+    result = imagify(adata, method, size=size, label_column=label_column,
+                     preprocess=preprocess_config(args), layout_params=spec)
+    write_render_outputs(result, out, overwrite=args.overwrite)
+    for note in result.notes:
+        print(note)
+    print(f"wrote {result.images.shape[0]} images of shape {result.images.shape[1:]} to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omicsimage", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="turn expression data into images (N, C, H, W)")
+    add_input_arguments(render)
+    add_layout_arguments(render)
+    render.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    render.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    render.set_defaults(func=cmd_render)
+
+    _register_extra_commands(sub)
+    return parser
+
+
+def _register_extra_commands(sub) -> None:
+    """Commands that live beside their features (models, napari demo)."""
+    from . import _cli_models
+
+    _cli_models.register(sub)
+    from . import _cli_demo
+
+    _cli_demo.register(sub)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except OmicsInputError as exc:
+        print(f"omicsimage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"omicsimage {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

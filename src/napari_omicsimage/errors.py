@@ -1,0 +1,14 @@
+"""The one exception type users see for bad input.
+
+Every check in the package raises :class:`OmicsInputError` with a message that
+names the problem *and* what to do about it, so the CLI can print it as one
+line and the napari widgets can show it in a notification.
+"""
+
+
+class OmicsInputError(ValueError):
+    """Input data, options or files that the pipeline cannot use as given."""
+
+
+class CheckpointError(OmicsInputError):
+    """A model checkpoint that is corrupted, truncated, foreign or incompatible."""

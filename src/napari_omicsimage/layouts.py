@@ -1,0 +1,667 @@
+"""Image layouts: where each gene (or sample) goes on the image grid.
+
+Every layout follows scikit-learn: ``fit(x_train, genes)`` on training samples
+only, then ``transform(x)`` for any samples with the same genes, returning
+float32 images ``(N, C, H, W)``.  Gene layouts expose a
+:class:`~napari_omicsimage.render.PixelMap` (``layout.pixel_map_``) giving, per
+channel, the gene→pixel and pixel→genes maps.
+
+=================  ==========================================================
+method             what it is
+=================  ==========================================================
+``deepinsight``    pyDeepInsight ``ImageTransformer`` over genes (t-SNE, UMAP,
+                   PCA or kernel PCA; ``bin``/``qtb``/``lsa`` discretisation)
+``fotomics``       genes placed by the FFT of the samples (Fotomics)
+``rgb-layouts``    three gene layouts (t-SNE, PCA, UMAP) as R, G and B
+``grid``           one gene per pixel, in input, chromosome or cluster order
+``rgb-embedding``  the published RGB method (Alyatimi et al. 2025): one blob
+                   per *sample*; no gene information
+=================  ==========================================================
+
+Input values are expected in [0, 1] (see :class:`~napari_omicsimage.preprocess.Preprocessor`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import warnings
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import OmicsInputError
+from .render import PixelMap
+
+METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid")
+FEATURE_EXTRACTORS = ("tsne", "umap", "pca", "kpca", "tsne-sklearn")
+DISCRETIZATIONS = ("bin", "qtb", "lsa")
+GRID_ORDERS = ("input", "chromosome", "cluster")
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    h, w = (int(s) for s in size)
+    if h < 2 or w < 2:
+        raise OmicsInputError(f"image size must be at least 2×2 pixels, got {h}×{w}.")
+    return h, w
+
+
+# ============================================================ base classes
+class Layout:
+    """Common interface of all layouts."""
+
+    method: str = ""
+    #: False for layouts whose pixels are not genes (the published RGB method)
+    has_gene_map: bool = True
+
+    def fit(self, x: np.ndarray, genes=None) -> "Layout":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def transform(self, x: np.ndarray, **render_options):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fit_transform(self, x: np.ndarray, genes=None, **render_options):
+        return self.fit(x, genes).transform(x, **render_options)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.size
+
+    def describe(self) -> str:
+        return self.method
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:  # pragma: no cover - abstract
+        """``(meta, arrays)``: JSON-able parameters and numeric arrays, nothing executable."""
+        raise NotImplementedError
+
+
+def _check_matrix(x: np.ndarray, genes) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise OmicsInputError(f"expected a samples × genes matrix, got an array of shape {x.shape}.")
+    if x.shape[0] < 2:
+        raise OmicsInputError(f"a layout needs at least 2 training samples, got {x.shape[0]}.")
+    if not np.isfinite(x).all():
+        raise OmicsInputError("the matrix holds NaN or infinite values; clean the data first.")
+    if genes is None:
+        genes = [f"gene_{i}" for i in range(x.shape[1])]
+    genes = np.asarray([str(g) for g in genes], dtype=object)
+    if len(genes) != x.shape[1]:
+        raise OmicsInputError(f"{len(genes)} gene names for a matrix with {x.shape[1]} columns.")
+    return x, genes
+
+
+class GeneLayout(Layout):
+    """A layout that puts genes on pixels; rendering goes through its PixelMap."""
+
+    def __init__(self, size=64, fill_value: float = 0.0):
+        self.size = _size(size)
+        self.fill_value = float(fill_value)
+
+    @property
+    def n_channels(self) -> int:
+        return self.pixel_map_.n_channels
+
+    @property
+    def genes_(self) -> np.ndarray:
+        return self.pixel_map_.genes
+
+    def transform(self, x, *, batch_size: int = 1024, device=None, progress=None):
+        self._check_fitted()
+        return self.pixel_map_.render(
+            np.asarray(x) if device is None else x,
+            fill_value=self.fill_value,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+
+    def _check_fitted(self):
+        if not hasattr(self, "pixel_map_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() on training samples first.")
+
+    def params(self) -> dict[str, Any]:
+        return {"size": list(self.size), "fill_value": self.fill_value}
+
+    def state(self):
+        self._check_fitted()
+        meta = {"method": self.method, "params": self.params(), "genes": list(self.genes_),
+                "info": getattr(self, "info_", {})}
+        return meta, {"gene_pixels": self.pixel_map_.gene_pixels}
+
+
+# ============================================= feature extractors (genes as points)
+class FastTSNE:
+    """t-SNE of genes that scales to tens of thousands of genes.
+
+    Genes are first reduced to at most 50 principal components (of their profiles
+    across training samples), then embedded with openTSNE's FFT-accelerated
+    t-SNE.  This is the default DeepInsight extractor: pyDeepInsight's own
+    scikit-learn t-SNE takes minutes for 20,000 genes (see docs/benchmarks.md).
+    """
+
+    def __init__(self, random_state: int = 0, n_jobs: int = -1, metric: str = "cosine"):
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.metric = metric
+
+    def fit_transform(self, points: np.ndarray) -> np.ndarray:
+        from openTSNE import TSNE
+        from sklearn.decomposition import PCA
+
+        points = np.asarray(points, dtype=np.float32)
+        n_comp = min(50, points.shape[0] - 1, points.shape[1])
+        if n_comp >= 2 and points.shape[1] > n_comp:
+            points = PCA(n_components=n_comp, random_state=self.random_state).fit_transform(points)
+        perplexity = float(min(30.0, max(2.0, (points.shape[0] - 1) / 3.0)))
+        tsne = TSNE(
+            perplexity=perplexity,
+            metric=self.metric,
+            n_jobs=self.n_jobs,
+            random_state=self.random_state,
+            initialization="pca",
+            n_iter=500,
+        )
+        return np.asarray(tsne.fit(points), dtype=np.float64)
+
+
+class FotomicsFFT:
+    """Fotomics gene coordinates: mean over samples of each gene's FFT bin.
+
+    For every sample (a column of ``points``, which holds genes × samples) the
+    FFT across genes is taken and shifted (``fftshift``).  Per sample, and
+    separately for real and imaginary parts, values outside
+    ``P10 − 1.5·IQR … P90 + 1.5·IQR`` (IQR = P90 − P10) are set to 0; gene ``i``
+    is placed at the mean over samples of (real, imaginary) of bin ``i``.
+    Vectorised over samples.
+    """
+
+    def fit_transform(self, points: np.ndarray) -> np.ndarray:
+        spectrum = np.fft.fftshift(np.fft.fft(np.asarray(points, dtype=np.float64), axis=0), axes=0)
+        coords = []
+        for part in (spectrum.real, spectrum.imag):
+            p10, p90 = np.percentile(part, [10, 90], axis=0)
+            iqr = p90 - p10
+            outlier = (part < p10 - 1.5 * iqr) | (part > p90 + 1.5 * iqr)
+            coords.append(np.where(outlier, 0.0, part).mean(axis=1))
+        return np.stack(coords, axis=1)
+
+
+def make_feature_extractor(name: str, random_state: int = 0):
+    from sklearn.decomposition import PCA, KernelPCA
+
+    if name == "tsne":
+        return FastTSNE(random_state=random_state)
+    if name == "tsne-sklearn":
+        from sklearn.manifold import TSNE
+
+        # pyDeepInsight's own default extractor
+        return TSNE(n_components=2, metric="cosine", random_state=random_state, init="pca")
+    if name == "umap":
+        return _UMAPExtractor(random_state)
+    if name == "pca":
+        return PCA(n_components=2, random_state=random_state)
+    if name == "kpca":
+        return KernelPCA(n_components=2, kernel="rbf", random_state=random_state)
+    raise OmicsInputError(f"unknown feature extractor {name!r}; choose one of {FEATURE_EXTRACTORS}.")
+
+
+class _UMAPExtractor:
+    def __init__(self, random_state: int = 0):
+        self.random_state = random_state
+
+    def fit_transform(self, points):
+        import umap
+
+        n_neighbors = int(min(15, max(2, points.shape[0] - 1)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # umap warns that a seed disables parallelism
+            reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=self.random_state,
+                                init="spectral" if points.shape[0] > n_neighbors + 2 else "random")
+            return reducer.fit_transform(np.asarray(points, dtype=np.float32))
+
+
+def _image_transformer(extractor, discretization: str, size: tuple[int, int]):
+    """pyDeepInsight's ImageTransformer, with its non-square ``lsa`` bug fixed.
+
+    pyDeepInsight 0.2.3 lays out pixel centroids as ``i * height + j`` and
+    decodes assignments with ``divmod(k, height)``; both must use the *width*.
+    On non-square grids that gives wrong pixels or an IndexError, so we
+    override exactly those two steps.
+    """
+    from pyDeepInsight import ImageTransformer
+
+    class _ImageTransformer(ImageTransformer):
+        @staticmethod
+        def calculate_pixel_centroids(px_size):
+            rows, cols = np.meshgrid(np.arange(px_size[0]), np.arange(px_size[1]), indexing="ij")
+            return np.stack([rows.ravel(), cols.ravel()], axis=1).astype(float) + 0.5
+
+        @classmethod
+        def assignment_postprocessing(cls, position, px_size, solution, labels):
+            pixel = np.asarray(solution)[np.asarray(labels)]
+            return np.stack(np.divmod(pixel, px_size[1]), axis=1).astype(int)
+
+    if discretization not in DISCRETIZATIONS:
+        raise OmicsInputError(f"unknown discretisation {discretization!r}; choose one of {DISCRETIZATIONS}.")
+    return _ImageTransformer(feature_extractor=extractor, discretization=discretization, pixels=size)
+
+
+def _fit_transformer_coords(extractor, discretization, size, x) -> np.ndarray:
+    if discretization == "lsa" and x.shape[1] > size[0] * size[1] * 4:
+        raise OmicsInputError(
+            f"'lsa' discretisation of {x.shape[1]} genes onto {size[0]}×{size[1]} pixels would cluster "
+            "the genes first and take very long; use 'bin' or 'qtb', or a larger image."
+        )
+    transformer = _image_transformer(extractor, discretization, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        transformer.fit(x)
+    return transformer.coords()
+
+
+# ========================================================= gene layouts
+class DeepInsightLayout(GeneLayout):
+    """DeepInsight: genes embedded by their profiles across training samples.
+
+    Uses pyDeepInsight's ``ImageTransformer`` (convex hull, minimum-area
+    rectangle rotation, discretisation) with the chosen feature extractor.
+    """
+
+    method = "deepinsight"
+
+    def __init__(self, size=64, feature_extractor: str = "tsne", discretization: str = "bin",
+                 random_state: int = 0, fill_value: float = 0.0):
+        super().__init__(size, fill_value)
+        if feature_extractor not in FEATURE_EXTRACTORS:
+            raise OmicsInputError(
+                f"unknown feature extractor {feature_extractor!r}; choose one of {FEATURE_EXTRACTORS}."
+            )
+        if discretization not in DISCRETIZATIONS:
+            raise OmicsInputError(f"unknown discretisation {discretization!r}; choose one of {DISCRETIZATIONS}.")
+        self.feature_extractor = feature_extractor
+        self.discretization = discretization
+        self.random_state = random_state
+
+    def fit(self, x, genes=None):
+        x, genes = _check_matrix(x, genes)
+        if x.shape[1] < 3:
+            raise OmicsInputError(f"DeepInsight needs at least 3 genes, got {x.shape[1]}.")
+        extractor = make_feature_extractor(self.feature_extractor, self.random_state)
+        coords = _fit_transformer_coords(extractor, self.discretization, self.size, x)
+        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        return self
+
+    def params(self):
+        return {**super().params(), "feature_extractor": self.feature_extractor,
+                "discretization": self.discretization, "random_state": self.random_state}
+
+    def describe(self):
+        return f"DeepInsight ({self.feature_extractor}, {self.discretization}, {self.size[0]}×{self.size[1]})"
+
+
+class FotomicsLayout(GeneLayout):
+    """Fotomics: genes placed by the Fourier transform of the training samples."""
+
+    method = "fotomics"
+
+    def __init__(self, size=64, discretization: str = "bin", fill_value: float = 0.0):
+        super().__init__(size, fill_value)
+        self.discretization = discretization
+
+    def fit(self, x, genes=None):
+        x, genes = _check_matrix(x, genes)
+        if x.shape[1] < 3:
+            raise OmicsInputError(f"Fotomics needs at least 3 genes, got {x.shape[1]}.")
+        coords = _fit_transformer_coords(FotomicsFFT(), self.discretization, self.size, x)
+        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        return self
+
+    def params(self):
+        return {**super().params(), "discretization": self.discretization}
+
+    def describe(self):
+        return f"Fotomics (FFT, {self.discretization}, {self.size[0]}×{self.size[1]})"
+
+
+class MultiLayoutRGB(GeneLayout):
+    """Three gene layouts as the R, G and B channels of one image.
+
+    By default t-SNE (R), PCA (G) and UMAP (B) DeepInsight layouts: the seed
+    paper's colour scheme, but every channel is a gene layout, so every pixel of
+    every channel stays traceable to genes.
+    """
+
+    method = "rgb-layouts"
+
+    def __init__(self, size=64, extractors=("tsne", "pca", "umap"), discretization: str = "bin",
+                 random_state: int = 0, fill_value: float = 0.0):
+        super().__init__(size, fill_value)
+        self.extractors = tuple(extractors)
+        for name in self.extractors:
+            if name not in FEATURE_EXTRACTORS:
+                raise OmicsInputError(f"unknown feature extractor {name!r}; choose from {FEATURE_EXTRACTORS}.")
+        self.discretization = discretization
+        self.random_state = random_state
+
+    def fit(self, x, genes=None):
+        x, genes = _check_matrix(x, genes)
+        channels = [
+            _fit_transformer_coords(make_feature_extractor(name, self.random_state),
+                                    self.discretization, self.size, x)
+            for name in self.extractors
+        ]
+        self.pixel_map_ = PixelMap(np.stack(channels), self.size, genes)
+        return self
+
+    def params(self):
+        return {**super().params(), "extractors": list(self.extractors),
+                "discretization": self.discretization, "random_state": self.random_state}
+
+    def describe(self):
+        return f"RGB of gene layouts ({'/'.join(self.extractors)}, {self.size[0]}×{self.size[1]})"
+
+
+# ----------------------------------------------------------- grid + annotation
+_CHROMOSOME_RANK = {str(i): i for i in range(1, 23)} | {"X": 23, "Y": 24, "MT": 25, "M": 25}
+
+
+@lru_cache(maxsize=1)
+def gene_annotation() -> pd.DataFrame:
+    """The bundled CC0 human gene annotation (Ensembl 110 / GRCh38).
+
+    Columns: ``ensembl_id``, ``symbol``, ``chromosome``, ``start``, ``chrom_rank``.
+    """
+    ref = resources.files("napari_omicsimage") / "data" / "homo_sapiens_genes_grch38.tsv.gz"
+    with ref.open("rb") as handle, gzip.open(handle, "rt") as text:
+        lines = [ln for ln in text if not ln.startswith("##")]
+    header = lines[0].lstrip("# ").rstrip("\n").split("\t")
+    rows = [ln.rstrip("\n").split("\t") for ln in lines[1:]]
+    frame = pd.DataFrame(rows, columns=header)
+    frame["ensembl_id"] = "ENSG" + frame["slim_id"].str.zfill(11)
+    frame["chromosome"] = frame["chr"].astype(str)
+    frame["start"] = pd.to_numeric(frame["start"], errors="coerce")
+    frame["chrom_rank"] = frame["chromosome"].map(_CHROMOSOME_RANK).fillna(99).astype(int)
+    return frame[["ensembl_id", "symbol", "chromosome", "start", "chrom_rank"]]
+
+
+def _normalise_gene_id(name: str) -> str:
+    name = str(name).strip()
+    upper = name.upper()
+    if upper.startswith("ENSG"):
+        upper = upper.split("_")[0].split(".")[0]  # ENSG…_at probe ids, ENSG….12 versions
+    return upper
+
+
+def chromosome_positions(genes) -> pd.DataFrame:
+    """Chromosome and start of each gene, matched by Ensembl id or symbol.
+
+    Returns one row per input gene with ``chromosome``, ``start`` and
+    ``chrom_rank`` (NaN where the gene is not in the annotation).
+    """
+    ann = gene_annotation()
+    by_id = ann.set_index("ensembl_id")[["chromosome", "start", "chrom_rank"]]
+    by_symbol = (ann.assign(key=ann["symbol"].str.upper()).drop_duplicates("key")
+                 .set_index("key")[["chromosome", "start", "chrom_rank"]])
+    keys = [_normalise_gene_id(g) for g in genes]
+    from_id = by_id.reindex(keys).reset_index(drop=True)
+    from_symbol = by_symbol.reindex(keys).reset_index(drop=True)
+    out = from_id.combine_first(from_symbol)[["chromosome", "start", "chrom_rank"]]
+    out.index = pd.Index([str(g) for g in genes], name="gene")
+    return out
+
+
+class GridLayout(GeneLayout):
+    """Direct grid: genes fill the image row by row, one per pixel (DeepMapper style).
+
+    ``order``: ``"input"`` keeps the column order; ``"chromosome"`` sorts by
+    chromosome and start (bundled annotation; genes it does not know are put
+    after the annotated ones and counted in ``info_["n_unplaced"]``);
+    ``"cluster"`` uses the leaf order of average-linkage clustering of gene
+    profiles (correlation distance) over the training samples.
+    ``size=None`` picks the smallest square that holds every gene; a smaller
+    grid puts consecutive genes in the same pixel.
+    """
+
+    method = "grid"
+
+    def __init__(self, size=None, order: str = "input", fill_value: float = 0.0):
+        if order not in GRID_ORDERS:
+            raise OmicsInputError(f"unknown grid order {order!r}; choose one of {GRID_ORDERS}.")
+        self.requested_size = size
+        self.size = _size(size) if size is not None else None
+        self.fill_value = float(fill_value)
+        self.order = order
+
+    def fit(self, x, genes=None):
+        x, genes = _check_matrix(x, genes)
+        n_genes = len(genes)
+        if self.requested_size is None:
+            side = max(2, math.ceil(math.sqrt(n_genes)))
+            self.size = (side, side)
+        self.info_ = {}
+        if self.order == "input":
+            order = np.arange(n_genes)
+        elif self.order == "chromosome":
+            pos = chromosome_positions(genes)
+            known = pos["chrom_rank"].notna().to_numpy()
+            rank = pos["chrom_rank"].fillna(1e9).to_numpy()
+            start = pos["start"].fillna(0).to_numpy()
+            # lexsort: last key is primary; unknown genes keep input order at the end
+            order = np.lexsort((np.arange(n_genes), start, rank))
+            self.info_ = {"n_unplaced": int((~known).sum()), "n_placed": int(known.sum())}
+            if not known.any():
+                warnings.warn("no gene matched the annotation (Ensembl ids or HGNC symbols expected); "
+                              "chromosome order falls back to input order", stacklevel=2)
+        else:
+            order = _cluster_order(x)
+        n_pixels = self.size[0] * self.size[1]
+        per_pixel = math.ceil(n_genes / n_pixels)
+        slot = np.empty(n_genes, dtype=np.int64)
+        slot[order] = np.arange(n_genes) // per_pixel
+        coords = np.stack(np.divmod(slot, self.size[1]), axis=1)
+        self.info_["genes_per_pixel_max"] = int(per_pixel)
+        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        return self
+
+    def params(self):
+        return {"size": None if self.requested_size is None else list(_size(self.requested_size)),
+                "fill_value": self.fill_value, "order": self.order}
+
+    def state(self):
+        meta, arrays = super().state()
+        meta["fitted_size"] = list(self.size)
+        return meta, arrays
+
+    def describe(self):
+        return f"grid ({self.order} order, {self.size[0]}×{self.size[1]})" if self.size else "grid"
+
+
+def _cluster_order(x: np.ndarray) -> np.ndarray:
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    profiles = x.T.astype(np.float64)
+    profiles = profiles - profiles.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    profiles = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+    return leaves_list(linkage(profiles, method="average", metric="euclidean"))
+
+
+# ============================================== the published RGB method
+class RGBEmbedding(Layout):
+    """The published RGB method (Alyatimi et al. 2025, Algorithm 1), reproduced faithfully.
+
+    Samples — not genes — are embedded: PCA to 50 components, then t-SNE and
+    UMAP of those components.  Each embedding is min-max scaled to [0, 1] and
+    each sample is drawn as a disc of radius 3 on a 128×128 black canvas, centred
+    at its t-SNE position, with colour (R, G, B) = (t-SNE, PCA, UMAP) first
+    coordinate (the paper leaves open how a 2-D coordinate becomes one colour
+    value; we take the first axis of each).
+
+    Two things users must know:
+
+    * **These images carry no per-gene information.**  A pixel is a position in
+      sample space, not a gene, so saliency cannot be mapped back to genes.
+    * **Fitted on all samples (the paper's set-up, ``transductive``), the
+      embedding sees the test samples**: their positions are shaped by the
+      training samples and vice versa, which inflates cross-validated accuracy.
+      Fitted on training samples, new samples go through each reducer's own
+      out-of-sample transform (PCA and UMAP ``transform``, openTSNE's
+      ``TSNEEmbedding.transform``).
+    """
+
+    method = "rgb-embedding"
+    has_gene_map = False
+
+    def __init__(self, size=128, radius: int = 3, n_pcs: int = 50, random_state: int = 0):
+        self.size = _size(size)
+        self.radius = int(radius)
+        self.n_pcs = int(n_pcs)
+        self.random_state = random_state
+
+    n_channels = 3
+
+    def fit(self, x, genes=None):
+        import umap
+        from openTSNE import TSNE
+        from sklearn.decomposition import PCA
+
+        x, genes = _check_matrix(x, genes)
+        self.genes_ = genes
+        n_comp = max(2, min(self.n_pcs, x.shape[0] - 1, x.shape[1]))
+        self.pca_ = PCA(n_components=n_comp, random_state=self.random_state).fit(x)
+        scores = self.pca_.transform(x)
+        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3.0)))
+        self.tsne_ = TSNE(perplexity=perplexity, random_state=self.random_state, n_jobs=-1).fit(scores)
+        n_neighbors = int(min(15, max(2, x.shape[0] - 1)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.umap_ = umap.UMAP(n_neighbors=n_neighbors, random_state=self.random_state,
+                                   init="spectral" if x.shape[0] > n_neighbors + 2 else "random").fit(scores)
+        embeddings = self._embeddings(scores, fitted=True)
+        self.ranges_ = {k: (v.min(axis=0), v.max(axis=0)) for k, v in embeddings.items()}
+        self.train_images_ = self._draw(embeddings)
+        return self
+
+    def _embeddings(self, scores, fitted=False) -> dict[str, np.ndarray]:
+        if fitted:
+            tsne, umap_ = np.asarray(self.tsne_), np.asarray(self.umap_.embedding_)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tsne = np.asarray(self.tsne_.transform(scores))
+                umap_ = np.asarray(self.umap_.transform(scores))
+        return {"tsne": tsne, "pca": scores[:, :2], "umap": umap_}
+
+    def _scaled(self, embeddings):
+        out = {}
+        for key, value in embeddings.items():
+            lo, hi = self.ranges_[key]
+            span = np.where(hi > lo, hi - lo, 1.0)
+            out[key] = np.clip((value - lo) / span, 0.0, 1.0)
+        return out
+
+    def _draw(self, embeddings) -> np.ndarray:
+        scaled = self._scaled(embeddings)
+        h, w = self.size
+        n = scaled["tsne"].shape[0]
+        images = np.zeros((n, 3, h, w), dtype=np.float32)
+        rows = np.rint(scaled["tsne"][:, 0] * (h - 1)).astype(int)
+        cols = np.rint(scaled["tsne"][:, 1] * (w - 1)).astype(int)
+        colour = np.stack([scaled["tsne"][:, 0], scaled["pca"][:, 0], scaled["umap"][:, 0]], axis=1)
+        yy, xx = np.mgrid[0:h, 0:w]
+        for i in range(n):  # one disc per image; n discs of ~29 pixels is cheap
+            disc = (yy - rows[i]) ** 2 + (xx - cols[i]) ** 2 <= self.radius**2
+            images[i][:, disc] = colour[i][:, None].astype(np.float32)
+        return images
+
+    def transform(self, x, *, batch_size: int = 1024, device=None, progress=None):
+        if not hasattr(self, "pca_"):
+            raise RuntimeError("RGBEmbedding is not fitted: call fit() first.")
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape[1] != len(self.genes_):
+            raise OmicsInputError(f"expected {len(self.genes_)} genes, got {x.shape[1]}.")
+        images = self._draw(self._embeddings(self.pca_.transform(x)))
+        if progress is not None:
+            progress(len(x), len(x))
+        if device is not None:
+            import torch
+
+            return torch.as_tensor(images, device=device)
+        return images
+
+    def fit_transform(self, x, genes=None, **render_options):
+        """Training images use the fitted embedding itself (no re-projection)."""
+        self.fit(x, genes)
+        images = self.train_images_
+        if render_options.get("device") is not None:
+            import torch
+
+            return torch.as_tensor(images, device=render_options["device"])
+        return images
+
+    def describe(self):
+        return f"published RGB embedding (t-SNE/PCA/UMAP of samples, {self.size[0]}×{self.size[1]})"
+
+    def state(self):
+        raise OmicsInputError(
+            "the published RGB method's fitted reducers (openTSNE, UMAP) cannot be stored as plain "
+            "arrays, so this layout is kept in memory only; refit it on the training data."
+        )
+
+
+# ================================================================ factory
+def make_layout(method: str, size=None, **params) -> Layout:
+    """Build an unfitted layout by method name (the CLI's ``--method``)."""
+    if method == "deepinsight":
+        return DeepInsightLayout(size=size or 64, **params)
+    if method == "fotomics":
+        return FotomicsLayout(size=size or 64, **params)
+    if method == "rgb-layouts":
+        return MultiLayoutRGB(size=size or 64, **params)
+    if method == "grid":
+        return GridLayout(size=size, **params)
+    if method == "rgb-embedding":
+        return RGBEmbedding(size=size or 128, **params)
+    raise OmicsInputError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+_LAYOUT_CLASSES = {cls.method: cls for cls in (DeepInsightLayout, FotomicsLayout, MultiLayoutRGB, GridLayout)}
+
+
+def layout_from_state(meta: dict, arrays: dict[str, np.ndarray]) -> GeneLayout:
+    """Rebuild a fitted gene layout from :meth:`Layout.state` output."""
+    cls = _LAYOUT_CLASSES.get(meta.get("method"))
+    if cls is None:
+        raise OmicsInputError(f"cannot restore a layout of method {meta.get('method')!r}.")
+    layout = cls(**meta["params"])
+    size = tuple(meta.get("fitted_size") or meta["params"]["size"])
+    layout.size = size
+    layout.info_ = dict(meta.get("info", {}))
+    layout.pixel_map_ = PixelMap(np.asarray(arrays["gene_pixels"]), size, meta["genes"])
+    return layout
+
+
+def save_layout(layout: Layout, path) -> None:
+    """Write a fitted gene layout as ``.npz`` (no pickles: safe to load)."""
+    import json
+
+    meta, arrays = layout.state()
+    np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **arrays)
+
+
+def load_layout(path) -> GeneLayout:
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["__meta__"]))
+            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError) as exc:
+        raise OmicsInputError(f"{path}: not a saved omicsimage layout ({exc}).") from exc
+    return layout_from_state(meta, arrays)

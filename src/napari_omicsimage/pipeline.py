@@ -1,0 +1,119 @@
+"""The headless pipeline: data → preprocessing → layout → images, in one call.
+
+The CLI and the napari widgets both go through these functions, so they do
+the same thing with the same defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .errors import OmicsInputError
+from .io import check_labels
+from .layouts import Layout, make_layout, save_layout
+from .preprocess import PreprocessConfig, Preprocessor
+
+
+@dataclass
+class Imagified:
+    """Images of samples with everything needed to trace pixels back to genes."""
+
+    images: np.ndarray  # (N, C, H, W) float32
+    samples: pd.Index
+    labels: pd.Series | None
+    layout: Layout
+    preprocessor: Preprocessor
+    #: the preprocessed matrix the images were rendered from (N × genes, [0, 1])
+    expression: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def genes(self) -> np.ndarray:
+        return self.preprocessor.genes_
+
+
+def imagify(
+    adata: ad.AnnData,
+    method: str = "deepinsight",
+    *,
+    size: int | None = None,
+    label_column: str | None = None,
+    preprocess: PreprocessConfig | None = None,
+    layout_params: dict | None = None,
+    progress=None,
+) -> Imagified:
+    """Preprocess all samples, fit the layout on them and render every sample.
+
+    This is for *looking* at data (napari, ``omicsimage render``): the layout is
+    fitted on all samples given. Cross-validation fits on training folds only
+    (see :mod:`napari_omicsimage.evaluation`).
+    """
+    labels = None
+    if label_column is not None:
+        check_labels(adata, label_column)
+        labels = adata.obs[label_column].astype(str)
+    preprocessor = Preprocessor(preprocess or PreprocessConfig())
+    x = preprocessor.fit_transform(adata)
+    layout = make_layout(method, size=size, **(layout_params or {}))
+    images = layout.fit_transform(x, preprocessor.genes_, progress=progress) \
+        if layout.has_gene_map else layout.fit_transform(x, preprocessor.genes_)
+    notes = [f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
+             layout.describe()]
+    orientation = adata.uns.get("omicsimage", {}).get("orientation")
+    if orientation:
+        notes.insert(0, orientation)
+    info = getattr(layout, "info_", {})
+    if "n_unplaced" in info:
+        notes.append(f"{info['n_unplaced']} of {info['n_unplaced'] + info['n_placed']} genes are not in "
+                     "the annotation and were placed after the chromosome-ordered genes")
+    if not layout.has_gene_map:
+        notes.append("published RGB method: pixels are sample-embedding positions, not genes; "
+                     "no gene can be traced from these images")
+    return Imagified(images, adata.obs_names.copy(), labels, layout, preprocessor, x, notes)
+
+
+def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``images.npy``, ``samples.csv``, the fitted layout and ``pixel_genes.csv``.
+
+    The folder is written under a temporary name and moved into place at the
+    end, so an interrupted run never leaves a half-written result, and an
+    existing folder is only replaced with ``overwrite=True``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        np.save(tmp / "images.npy", result.images.astype(np.float32, copy=False))
+        frame = pd.DataFrame({"sample": result.samples})
+        frame["label"] = result.labels.to_numpy() if result.labels is not None else ""
+        frame.to_csv(tmp / "samples.csv", index=False)
+        layout = result.layout
+        if layout.has_gene_map:
+            save_layout(layout, tmp / "layout.npz")
+            layout.pixel_map_.pixel_table().to_csv(tmp / "pixel_genes.csv", index=False)
+        else:
+            pd.DataFrame(columns=["channel", "row", "col", "n_genes", "genes"]).to_csv(
+                tmp / "pixel_genes.csv", index=False)
+        (tmp / "layout.json").write_text(json.dumps(
+            {"method": layout.method, "description": layout.describe(),
+             "has_gene_map": layout.has_gene_map, "shape": list(result.images.shape),
+             "genes": [str(g) for g in result.genes], "notes": result.notes}, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,172 @@
+"""Preprocessing through scanpy, split so that cross-validation stays honest.
+
+Two kinds of step:
+
+* **per-sample** steps (QC filter on a sample's own counts, ``normalize_total``,
+  ``log1p``) look at one sample at a time, so they can run on all data at once;
+* **fitted** steps (highly variable gene selection, per-gene scaling to [0, 1])
+  learn statistics from samples.  :class:`Preprocessor` fits them on training
+  samples only and applies them to any samples (scikit-learn ``fit``/``transform``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+
+from .errors import OmicsInputError
+from .io import dense_matrix
+
+
+def looks_log_scale(adata: ad.AnnData) -> bool:
+    """Guess whether values are already log-scale (or otherwise transformed).
+
+    Counts are non-negative and reach into the hundreds; RMA microarray values
+    (log2) stay below ~20 and z-scored or ratio data hold negatives.  Either of
+    the latter must not be normalised and log-transformed again.
+    """
+    x = adata.X
+    values = x.data if sp.issparse(x) else np.asarray(x)
+    if values.size == 0:
+        return False
+    return bool(values.min() < 0 or values.max() <= 50)
+
+
+def normalize_samples(
+    adata: ad.AnnData,
+    *,
+    log_scale: bool | None = None,
+    target_sum: float | None = 1e4,
+    min_genes: int = 0,
+) -> ad.AnnData:
+    """Per-sample steps: QC filter, ``normalize_total`` and ``log1p`` (returns a copy).
+
+    ``log_scale=None`` detects data that are already log-scale (microarrays,
+    pre-normalised matrices) and leaves their values alone; ``True`` forces that,
+    ``False`` forces normalisation.  ``min_genes`` drops samples with fewer
+    detected genes (scanpy's ``filter_cells``).
+    """
+    adata = adata.copy()
+    stored = adata.uns.get("omicsimage", {}).get("log_scale")
+    if log_scale is None:
+        log_scale = stored if stored is not None else looks_log_scale(adata)
+    if min_genes > 0:
+        before = adata.n_obs
+        sc.pp.filter_cells(adata, min_genes=min_genes)
+        if adata.n_obs == 0:
+            raise OmicsInputError(
+                f"QC removed all {before} samples (min_genes={min_genes}); lower min_genes."
+            )
+    if not log_scale:
+        x = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+        if x.size and x.min() < 0:
+            raise OmicsInputError(
+                "the data hold negative values, so they cannot be count data to normalise and "
+                "log-transform; mark them as already log-scale (log_scale=True / --log-scale)."
+            )
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+    adata.uns.setdefault("omicsimage", {})["log_scale"] = True
+    adata.uns["omicsimage"]["normalized"] = not log_scale
+    return adata
+
+
+@dataclass
+class PreprocessConfig:
+    """Options of :class:`Preprocessor` (all plain values, so they go into checkpoints)."""
+
+    log_scale: bool | None = None
+    target_sum: float | None = 1e4
+    min_genes: int = 0
+    n_top_genes: int | None = 2000
+    #: minimum fraction of training samples in which a gene must be non-zero
+    min_sample_fraction: float = 0.0
+
+
+class Preprocessor:
+    """Fold-safe preprocessing: fit on training samples, transform any samples.
+
+    ``fit`` normalises the training samples (per-sample steps), selects the
+    ``n_top_genes`` highly variable genes with scanpy and learns each gene's
+    minimum and maximum.  ``transform`` applies the same per-sample steps, keeps
+    the selected genes and scales each to [0, 1] with the training range
+    (clipped), the input DeepInsight-style layouts expect.
+    """
+
+    def __init__(self, config: PreprocessConfig | None = None, **options):
+        self.config = config or PreprocessConfig(**options)
+
+    # scikit-learn style
+    def fit(self, adata: ad.AnnData) -> "Preprocessor":
+        cfg = self.config
+        norm = normalize_samples(
+            adata, log_scale=cfg.log_scale, target_sum=cfg.target_sum, min_genes=0
+        )
+        self.log_scale_ = not norm.uns["omicsimage"]["normalized"]
+        x = dense_matrix(norm)
+        keep = np.ones(norm.n_vars, dtype=bool)
+        if cfg.min_sample_fraction > 0:
+            keep &= (x > 0).mean(axis=0) >= cfg.min_sample_fraction
+        keep &= x.std(axis=0) > 0  # constant genes carry nothing and break dispersion bins
+        if not keep.any():
+            raise OmicsInputError("no gene varies across the training samples; check the input matrix.")
+        candidates = norm[:, keep].copy()
+        if cfg.n_top_genes is not None and cfg.n_top_genes < candidates.n_vars:
+            sc.pp.highly_variable_genes(candidates, n_top_genes=cfg.n_top_genes, flavor="seurat")
+            chosen = candidates.var_names[candidates.var["highly_variable"].to_numpy()]
+        else:
+            chosen = candidates.var_names
+        # keep the input order of genes: layouts such as "input order" grids rely on it
+        order = norm.var_names.get_indexer(chosen)
+        self.genes_ = np.asarray(norm.var_names[np.sort(order)], dtype=object)
+        xs = x[:, np.sort(order)]
+        self.min_ = xs.min(axis=0).astype(np.float32)
+        self.max_ = xs.max(axis=0).astype(np.float32)
+        return self
+
+    def transform(self, adata: ad.AnnData) -> np.ndarray:
+        """Samples × selected genes, float32 in [0, 1]."""
+        self._check_fitted()
+        missing = [g for g in self.genes_ if g not in adata.var_names]
+        if missing:
+            raise OmicsInputError(
+                f"{len(missing)} gene(s) the preprocessor was fitted on are missing, e.g. "
+                f"{missing[:5]}; align the genes first (see models.align_genes)."
+            )
+        norm = normalize_samples(
+            adata, log_scale=self.log_scale_, target_sum=self.config.target_sum, min_genes=0
+        )
+        x = dense_matrix(norm[:, list(self.genes_)])
+        span = np.where(self.max_ > self.min_, self.max_ - self.min_, 1.0)
+        return np.clip((x - self.min_) / span, 0.0, 1.0).astype(np.float32)
+
+    def fit_transform(self, adata: ad.AnnData) -> np.ndarray:
+        return self.fit(adata).transform(adata)
+
+    # checkpoints hold plain values only
+    def state(self) -> dict:
+        self._check_fitted()
+        return {
+            "config": asdict(self.config),
+            "log_scale": bool(self.log_scale_),
+            "genes": [str(g) for g in self.genes_],
+            "min": self.min_,
+            "max": self.max_,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Preprocessor":
+        obj = cls(PreprocessConfig(**state["config"]))
+        obj.log_scale_ = bool(state["log_scale"])
+        obj.genes_ = np.asarray(state["genes"], dtype=object)
+        obj.min_ = np.asarray(state["min"], dtype=np.float32)
+        obj.max_ = np.asarray(state["max"], dtype=np.float32)
+        return obj
+
+    def _check_fitted(self):
+        if not hasattr(self, "genes_"):
+            raise RuntimeError("Preprocessor is not fitted yet: call fit() on training samples first.")
