@@ -179,6 +179,14 @@ def _read_table(path: Path) -> pd.DataFrame:
             f"{frame.shape[1]} columns); it needs ids in the first column and a header row."
         )
     frame.index = frame.index.astype(str)
+    # pandas renames repeated header names ("TP53", "TP53.1"); read the raw header to catch them
+    header = pd.read_csv(path, sep=_separator(path), header=None, nrows=1, dtype=str).iloc[0, 1:]
+    if header.duplicated().any():
+        repeated = list(header[header.duplicated()].unique()[:5])
+        raise OmicsInputError(
+            f"{path.name}: duplicate names in the header row, e.g. {repeated}; gene and sample names "
+            "must be unique: aggregate or rename the repeated genes/samples first."
+        )
     frame.columns = frame.columns.astype(str)
     return _to_numeric(frame, path.name)
 

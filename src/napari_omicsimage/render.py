@@ -13,6 +13,7 @@ over pixels, and runs on a torch device when one is given.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -192,7 +193,10 @@ class PixelMap:
             m = self.averaging_matrix().T.tocoo()
             indices = torch.from_numpy(np.vstack([m.row, m.col]).astype(np.int64))
             values = torch.from_numpy(m.data.astype(np.float32))
-            sparse = torch.sparse_coo_tensor(indices, values, m.shape).coalesce().to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                sparse = torch.sparse_coo_tensor(indices, values, m.shape, check_invariants=False)
+                sparse = sparse.coalesce().to_sparse_csr()
             empty = torch.from_numpy(np.diff(self._pixel_ptr) == 0)
             self._torch_cache = {key: (sparse.to(device), empty.to(device))}
         sparse, empty = self._torch_cache[key]

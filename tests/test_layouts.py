@@ -1,0 +1,192 @@
+"""Layouts: fit on training samples, transform any samples, gene maps that are right."""
+
+import numpy as np
+import pytest
+
+from napari_omicsimage import layouts as L
+from napari_omicsimage.errors import OmicsInputError
+from napari_omicsimage.io import load_sample_data, read_expression
+from napari_omicsimage.pipeline import imagify
+from napari_omicsimage.preprocess import PreprocessConfig
+
+
+@pytest.fixture(scope="module")
+def pbmc_small():
+    adata = load_sample_data()
+    return adata[::7].copy()  # 100 cells, all 10 classes
+
+
+@pytest.mark.parametrize(
+    "method, params, channels",
+    [
+        ("deepinsight", {"feature_extractor": "pca"}, 1),
+        ("deepinsight", {"feature_extractor": "tsne", "discretization": "qtb"}, 1),
+        ("fotomics", {}, 1),
+        ("rgb-layouts", {"extractors": ("pca", "kpca", "pca")}, 3),
+        ("grid", {"order": "chromosome"}, 1),
+        ("rgb-embedding", {}, 3),
+    ],
+)
+def test_every_layout_renders_pbmc(pbmc_small, method, params, channels):
+    size = 16 if method != "rgb-embedding" else 32
+    result = imagify(pbmc_small, method, size=size, label_column="bulk_labels",
+                     preprocess=PreprocessConfig(n_top_genes=300), layout_params=params)
+    n, c, h, w = result.images.shape
+    assert (n, c) == (100, channels)
+    assert result.images.dtype == np.float32 and np.isfinite(result.images).all()
+    assert result.images.max() > 0
+    if result.layout.has_gene_map:
+        density = result.layout.pixel_map_.density()
+        assert density.sum() == channels * 300  # every gene placed once per channel
+    else:
+        assert any("not genes" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("method", ["deepinsight", "fotomics", "rgb-layouts", "grid", "rgb-embedding"])
+def test_every_method_renders_medulloblastoma(medulloblastoma_paths, method):
+    expression, labels = medulloblastoma_paths
+    adata = read_expression(expression, labels=labels, label_column="subgroup")
+    params = {"extractors": ("pca", "pca", "kpca")} if method == "rgb-layouts" else {}
+    result = imagify(adata, method, size=24 if method != "grid" else None, label_column="subgroup",
+                     preprocess=PreprocessConfig(n_top_genes=500), layout_params=params)
+    assert result.images.shape[0] == 50
+    assert np.isfinite(result.images).all()
+
+
+def test_transform_new_samples_matches_training_render(pbmc_small):
+    from napari_omicsimage.preprocess import Preprocessor
+
+    prep = Preprocessor(n_top_genes=200).fit(pbmc_small[:60])
+    layout = L.make_layout("deepinsight", size=12, feature_extractor="pca").fit(
+        prep.transform(pbmc_small[:60]), prep.genes_)
+    x_new = prep.transform(pbmc_small[60:])
+    images = layout.transform(x_new)
+    assert images.shape == (40, 1, 12, 12)
+    # a pixel's value is the mean of its genes' values
+    pm = layout.pixel_map_
+    r, c = np.argwhere(pm.density()[0] > 0)[0]
+    genes = pm.genes_at(0, r, c)
+    np.testing.assert_allclose(images[:, 0, r, c], x_new[:, genes].mean(axis=1), rtol=1e-6)
+
+
+def test_lsa_on_non_square_grid_gives_one_gene_per_pixel_at_the_nearest_free_spot():
+    """pyDeepInsight 0.2.3's lsa mislays pixels on non-square grids; ours does not."""
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 24)).astype(np.float32)
+    layout = L.DeepInsightLayout(size=(4, 8), feature_extractor="pca", discretization="lsa").fit(x)
+    pixels = layout.pixel_map_.gene_pixels[0]
+    assert pixels[:, 0].max() < 4 and pixels[:, 1].max() < 8
+    assert len({tuple(p) for p in pixels}) == 24  # 24 genes, 32 pixels: all distinct
+    # pixels are a cost-minimising assignment: better than any swap of two genes
+    from sklearn.decomposition import PCA
+
+    from napari_omicsimage.layouts import _image_transformer
+
+    t = _image_transformer(PCA(n_components=2), "lsa", (4, 8))
+    t.fit(x)
+    scaled = t.scale_coordinates(t._xrot, (4, 8))
+    centres = pixels + 0.5
+    cost = ((scaled - centres) ** 2).sum()
+    for i, j in [(0, 1), (2, 5), (7, 20)]:
+        swapped = centres.copy()
+        swapped[[i, j]] = swapped[[j, i]]
+        assert cost <= ((scaled - swapped) ** 2).sum() + 1e-9
+
+
+def test_fotomics_coordinates_follow_the_published_definition():
+    rng = np.random.default_rng(4)
+    x = rng.random((6, 16))
+    coords = L.FotomicsFFT().fit_transform(x.T)
+    # loop over samples exactly as the definition reads
+    expected = np.zeros((16, 2))
+    for sample in x:
+        spectrum = np.fft.fftshift(np.fft.fft(sample))
+        for k, part in enumerate((spectrum.real, spectrum.imag)):
+            p10, p90 = np.percentile(part, [10, 90])
+            iqr = p90 - p10
+            kept = np.where((part < p10 - 1.5 * iqr) | (part > p90 + 1.5 * iqr), 0.0, part)
+            expected[:, k] += kept / len(x)
+    np.testing.assert_allclose(coords, expected, atol=1e-12)
+
+
+def test_grid_input_order_and_shared_pixels():
+    x = np.random.default_rng(0).random((5, 10)).astype(np.float32)
+    genes = [f"g{i}" for i in range(10)]
+    grid = L.GridLayout().fit(x, genes)
+    assert grid.size == (4, 4)  # smallest square holding 10 genes
+    assert grid.pixel_map_.gene_names_at(0, 0, 0) == ["g0"]
+    assert grid.pixel_map_.gene_names_at(0, 2, 1) == ["g9"]
+    small = L.GridLayout(size=2).fit(x, genes)  # 4 pixels, 10 genes: 3 per pixel
+    assert small.pixel_map_.gene_names_at(0, 0, 0) == ["g0", "g1", "g2"]
+    np.testing.assert_allclose(small.transform(x)[:, 0, 0, 0], x[:, :3].mean(axis=1), rtol=1e-6)
+
+
+def test_grid_chromosome_order_uses_annotation_and_counts_unknown_genes():
+    # chr1 genes first (by start), then chr17, then chrX; unknown genes last
+    genes = ["TP53", "ACE2", "NOT_A_GENE", "ENSG00000146648_at", "ENSG00000188389"]
+    # TP53 chr17, ACE2 chrX, EGFR (ENSG00000146648) chr7, PDCD1 (ENSG00000188389) chr2
+    x = np.random.default_rng(0).random((4, 5)).astype(np.float32)
+    grid = L.GridLayout(order="chromosome").fit(x, genes)
+    order = [grid.pixel_map_.gene_names_at(0, r, c)[0] for r in range(3) for c in range(3) if r * 3 + c < 5]
+    assert order == ["ENSG00000188389", "ENSG00000146648_at", "TP53", "ACE2", "NOT_A_GENE"]
+    assert grid.info_["n_unplaced"] == 1 and grid.info_["n_placed"] == 4
+
+
+def test_grid_cluster_order_puts_correlated_genes_next_to_each_other():
+    rng = np.random.default_rng(0)
+    base = rng.random((30, 2))
+    # genes 0, 2, 4 follow factor 0; genes 1, 3, 5 follow factor 1
+    x = np.column_stack([base[:, i % 2] + 0.01 * rng.random(30) for i in range(6)]).astype(np.float32)
+    grid = L.GridLayout(order="cluster").fit(x)
+    slots = grid.pixel_map_.gene_pixels[0]
+    flat = slots[:, 0] * grid.size[1] + slots[:, 1]
+    first_group = sorted(flat[[0, 2, 4]])
+    assert first_group[-1] - first_group[0] == 2  # three consecutive pixels
+
+
+def test_layout_save_and_load_roundtrip(tmp_path, pbmc_small):
+    from napari_omicsimage.preprocess import Preprocessor
+
+    x = Preprocessor(n_top_genes=100).fit_transform(pbmc_small)
+    for layout in (L.FotomicsLayout(size=10), L.GridLayout(order="input"),
+                   L.MultiLayoutRGB(size=8, extractors=("pca", "pca", "pca"))):
+        layout.fit(x)
+        L.save_layout(layout, tmp_path / "layout.npz")
+        again = L.load_layout(tmp_path / "layout.npz")
+        np.testing.assert_array_equal(again.transform(x), layout.transform(x))
+        assert list(again.genes_) == list(layout.genes_)
+
+
+def test_load_layout_refuses_foreign_file(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"not a layout")
+    with pytest.raises(OmicsInputError, match="not a saved omicsimage layout"):
+        L.load_layout(tmp_path / "junk.npz")
+
+
+def test_rgb_embedding_draws_one_disc_of_radius_3_and_projects_new_samples(pbmc_small):
+    from napari_omicsimage.preprocess import Preprocessor
+
+    prep = Preprocessor(n_top_genes=200).fit(pbmc_small[:70])
+    layout = L.RGBEmbedding(size=128).fit(prep.transform(pbmc_small[:70]))
+    train = layout.train_images_
+    lit = (train[0].max(axis=0) > 0).sum()
+    assert 20 <= lit <= 29  # a disc of radius 3 has 29 pixels (fewer if clipped at the border or colour 0)
+    new = layout.transform(prep.transform(pbmc_small[70:]))
+    assert new.shape == (30, 3, 128, 128) and (new.reshape(30, -1).max(axis=1) > 0).all()
+    with pytest.raises(OmicsInputError, match="cannot be stored"):
+        layout.state()
+
+
+def test_bad_layout_options():
+    with pytest.raises(OmicsInputError, match="unknown method"):
+        L.make_layout("pixelart")
+    with pytest.raises(OmicsInputError, match="unknown feature extractor"):
+        L.DeepInsightLayout(feature_extractor="magic")
+    with pytest.raises(OmicsInputError, match="at least 2"):
+        L.DeepInsightLayout(size=1)
+    with pytest.raises(OmicsInputError, match="unknown grid order"):
+        L.GridLayout(order="alphabet")
+    with pytest.raises(OmicsInputError, match="at least 2 training samples"):
+        L.FotomicsLayout().fit(np.ones((1, 5)))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        L.FotomicsLayout().transform(np.ones((2, 5)))
