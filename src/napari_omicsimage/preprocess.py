@@ -91,7 +91,8 @@ class Preprocessor:
     """Fold-safe preprocessing: fit on training samples, transform any samples.
 
     ``fit`` normalises the training samples (per-sample steps), selects the
-    ``n_top_genes`` highly variable genes with scanpy and learns each gene's
+    ``n_top_genes`` highly variable genes (scanpy's ``seurat`` dispersion for
+    normalised counts, variance for data that came in log-scale) and learns each gene's
     minimum and maximum.  ``transform`` applies the same per-sample steps, keeps
     the selected genes and scales each to [0, 1] with the training range
     (clipped), the input DeepInsight-style layouts expect.
@@ -116,8 +117,16 @@ class Preprocessor:
             raise OmicsInputError("no gene varies across the training samples; check the input matrix.")
         candidates = norm[:, keep].copy()
         if cfg.n_top_genes is not None and cfg.n_top_genes < candidates.n_vars:
-            sc.pp.highly_variable_genes(candidates, n_top_genes=cfg.n_top_genes, flavor="seurat")
-            chosen = candidates.var_names[candidates.var["highly_variable"].to_numpy()]
+            if self.log_scale_:
+                # Data that came in log-scale (microarrays, z-scores) are not log1p counts: scanpy's
+                # dispersion flavours exponentiate them first and break on negative values. Rank by
+                # variance, the usual choice for such data.
+                variance = x[:, keep].var(axis=0)
+                top = np.argsort(-variance, kind="stable")[: cfg.n_top_genes]
+                chosen = candidates.var_names[np.sort(top)]
+            else:
+                sc.pp.highly_variable_genes(candidates, n_top_genes=cfg.n_top_genes, flavor="seurat")
+                chosen = candidates.var_names[candidates.var["highly_variable"].to_numpy()]
         else:
             chosen = candidates.var_names
         # keep the input order of genes: layouts such as "input order" grids rely on it

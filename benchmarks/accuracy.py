@@ -1,0 +1,235 @@
+"""Honest accuracy benchmark: every method × model beside a logistic-regression baseline, on real data.
+
+Repeated stratified k-fold cross-validation (`evaluation.cross_validate`): per fold, preprocessing and the
+layout are fitted on the training samples only (except the `rgb-embedding-transductive` row, which reproduces
+the seed paper's set-up so its inflation can be measured). The baseline is fitted on the same preprocessed
+features in the same folds.
+
+    python benchmarks/accuracy.py                      # default grid, about an hour on a 2-core CPU
+    python benchmarks/accuracy.py --quick              # smoke run: one data set, two methods, 1 repeat
+    python benchmarks/accuracy.py --models resnet18 efficientnet_b0 small --size 64 --epochs 5 --repeats 5 \
+        --device cuda                                  # the larger set-up for a GPU
+
+Prints a Markdown table (mean ± sd over all folds of all repeats) and writes every fold's numbers to
+``--out`` (CSV) so the table and plot can be regenerated (``--plot PNG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "src"))
+
+from napari_omicsimage.evaluation import cross_validate  # noqa: E402
+from napari_omicsimage.io import load_sample_data, read_expression  # noqa: E402
+from napari_omicsimage.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
+from napari_omicsimage.training import TrainConfig, fit_layout  # noqa: E402
+
+METRICS = ("balanced_accuracy", "f1_macro", "roc_auc_ovo_macro", "accuracy")
+
+
+# ------------------------------------------------------------------ data sets
+@dataclass
+class Dataset:
+    name: str
+    label_column: str
+    note: str
+
+    def load(self):
+        if self.name == "pbmc68k_reduced":
+            return load_sample_data()
+        if self.name == "medulloblastoma":
+            folder = SHARED / "medulloblastoma_gse85217_subset"
+            return read_expression(folder / "expression_genes_by_samples.csv.gz",
+                                   labels=folder / "labels.csv", label_column="subgroup")
+        if self.name == "srbct":
+            folder = SHARED / "srbct_khan"
+            return read_expression(folder / "expression.csv.gz", labels=folder / "labels.csv",
+                                   label_column="label")
+        folder = SHARED / "all_chiaretti"
+        pheno = pd.read_csv(folder / "phenotype.csv", dtype=str).set_index("sample")
+        pheno["BT_lineage"] = pheno["BT"].str[0]  # B1…B4 → B, T1…T4 → T
+        adata = read_expression(folder / "expression_probes_by_samples.csv.gz", orientation="genes-in-rows",
+                                labels=pheno[["BT_lineage", "mol.biol"]].fillna(""), label_column="BT_lineage")
+        if self.label_column == "mol.biol":
+            counts = adata.obs["mol.biol"].value_counts()
+            keep = adata.obs["mol.biol"].isin(counts[counts >= 5].index)  # 5-fold CV needs ≥ 5 per class
+            adata = adata[keep.to_numpy()].copy()
+            adata.obs["mol.biol"] = adata.obs["mol.biol"].astype(str).astype("category")
+        return adata
+
+
+DATASETS = {
+    "pbmc": Dataset("pbmc68k_reduced", "bulk_labels", "700 cells × 765 genes, 10 types"),
+    "medulloblastoma": Dataset("medulloblastoma", "subgroup", "50 × 21,641, 4 subgroups"),
+    "srbct": Dataset("srbct", "label", "63 × 2,308, 4 tumour types"),
+    "all_bt": Dataset("all", "BT_lineage", "128 × 12,625, B vs T lineage"),
+    "all_molbio": Dataset("all", "mol.biol", "126 × 12,625, 4 molecular classes (2 singletons dropped)"),
+}
+
+# name → (layout spec without size, transductive)
+METHODS = {
+    "deepinsight-tsne": ({"method": "deepinsight", "feature_extractor": "tsne"}, False),
+    "deepinsight-umap": ({"method": "deepinsight", "feature_extractor": "umap"}, False),
+    "fotomics": ({"method": "fotomics"}, False),
+    "rgb-layouts": ({"method": "rgb-layouts"}, False),
+    "grid-chromosome": ({"method": "grid", "order": "chromosome"}, False),
+    "rgb-embedding": ({"method": "rgb-embedding"}, False),
+    "rgb-embedding-transductive": ({"method": "rgb-embedding"}, True),
+}
+
+
+def layout_spec(method: str, size: int) -> tuple[dict, bool]:
+    spec, transductive = METHODS[method]
+    spec = dict(spec)
+    if spec["method"] != "grid":  # grids take the smallest square holding every gene
+        spec["size"] = size if spec["method"] != "rgb-embedding" else max(size, 32)
+    return spec, transductive
+
+
+# ------------------------------------------------------------------ running
+def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args) -> list[dict]:
+    spec, transductive = layout_spec(method, args.size)
+    config = TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=repeat, device=args.device,
+                         preprocess=PreprocessConfig(n_top_genes=args.n_top_genes))
+    stamps = {"fold_start": {0: time.perf_counter()}, "first_batch": {}, "fold_end": {}}
+
+    def progress(event):
+        now = time.perf_counter()
+        # the first batch of a fold ends its fit stage (preprocessing, layout fit, test images)
+        if event.stage == "batch" and event.fold not in stamps["first_batch"]:
+            stamps["first_batch"][event.fold] = now
+        elif event.stage == "fold":
+            stamps["fold_end"][event.fold] = now
+            stamps["fold_start"][event.fold + 1] = now
+
+    result = cross_validate(adata, dataset.label_column, spec, config, folds=args.folds,
+                            transductive=transductive, progress=progress)
+    rows = []
+    for i, fold in enumerate(result.metrics["folds"]):
+        first_batch, end = stamps["first_batch"][i], stamps["fold_end"][i]
+        rows.append({"dataset": dataset.name + ":" + dataset.label_column, "method": method, "model": model,
+                     "repeat": repeat, "fold": fold["fold"],
+                     **{m: fold[m] for m in METRICS},
+                     **{f"baseline_{m}": result.metrics["baseline_folds"][i][m] for m in METRICS},
+                     "fit_s": round(first_batch - stamps["fold_start"][i], 3),
+                     "train_s": round(end - first_batch, 3)})
+    return rows
+
+
+def render_seconds(adata, dataset: Dataset, method: str, args) -> float:
+    """Time to render every sample once with a fitted layout (the render stage)."""
+    spec, _ = layout_spec(method, args.size)
+    pre = Preprocessor(PreprocessConfig(n_top_genes=args.n_top_genes)).fit(adata)
+    x = pre.transform(adata)
+    layout, images = fit_layout(spec, x, pre.genes_)
+    start = time.perf_counter()
+    layout.transform(x)
+    return time.perf_counter() - start
+
+
+def summarise(frame: pd.DataFrame, render: dict) -> str:
+    def pm(series):
+        return f"{series.mean():.3f} ± {series.std(ddof=1):.3f}" if len(series) > 1 else f"{series.mean():.3f}"
+
+    lines = ["| data set | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
+             "baseline F1 | fit s/fold | render s (all) | train s/fold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, method, model), grp in frame.groupby(["dataset", "method", "model"], sort=False):
+        lines.append(
+            f"| {ds} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
+            f"{pm(grp.roc_auc_ovo_macro)} | {pm(grp.baseline_balanced_accuracy)} | {pm(grp.baseline_f1_macro)} | "
+            f"{grp.fit_s.mean():.2f} | {render.get((ds, method), float('nan')):.3f} | {grp.train_s.mean():.2f} |")
+    return "\n".join(lines)
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(frame.dataset))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.6), sharey=True, squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        sub = frame[frame.dataset == ds]
+        groups = list(dict.fromkeys(zip(sub.method, sub.model)))
+        means = [sub[(sub.method == m) & (sub.model == k)].balanced_accuracy.mean() for m, k in groups]
+        sds = [sub[(sub.method == m) & (sub.model == k)].balanced_accuracy.std(ddof=1) for m, k in groups]
+        ax.barh(range(len(groups)), means, xerr=np.nan_to_num(sds), color="#4c72b0", alpha=0.85)
+        ax.axvline(sub.baseline_balanced_accuracy.mean(), color="#c44e52", ls="--", label="logistic regression")
+        ax.set_yticks(range(len(groups)), [f"{m} / {k}" for m, k in groups], fontsize=8)
+        ax.set_xlim(0, 1.02)
+        ax.set_title(ds, fontsize=10)
+        ax.set_xlabel("balanced accuracy (mean ± sd over folds)")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--models", nargs="+", default=["small", "resnet18", "efficientnet_b0"])
+    parser.add_argument("--big-models-on", nargs="+", default=["medulloblastoma", "srbct", "all_bt"],
+                        help="data sets on which models other than 'small' run (CPU budget); 'all' for every one")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--size", type=int, default=32, help="image side for non-grid layouts")
+    parser.add_argument("--n-top-genes", type=int, default=2000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy_folds.csv")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke run: srbct, 2 methods, small CNN, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.methods, args.models = ["srbct"], ["grid-chromosome", "fotomics"], ["small"]
+        args.repeats, args.epochs, args.size = 1, 2, 16
+
+    rows, render = [], {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for key in args.datasets:
+        dataset = DATASETS[key]
+        adata = dataset.load()
+        for method in args.methods:
+            ds_name = dataset.name + ":" + dataset.label_column
+            render[(ds_name, method)] = render_seconds(adata, dataset, method, args)
+            for model in args.models:
+                if model != "small" and "all" not in args.big_models_on and key not in args.big_models_on:
+                    continue
+                for repeat in range(args.repeats):
+                    t = time.perf_counter()
+                    new = run_one(adata, dataset, method, model, repeat, args)
+                    rows.extend(new)
+                    bal = np.mean([r["balanced_accuracy"] for r in new])
+                    print(f"{ds_name:28s} {method:27s} {model:16s} repeat {repeat}: balanced acc {bal:.3f} "
+                          f"({time.perf_counter() - t:.1f} s)", flush=True)
+                    pd.DataFrame(rows).to_csv(args.out, index=False)  # keep partial results
+    frame = pd.DataFrame(rows)
+    render_frame = pd.DataFrame([{"dataset": d, "method": m, "render_s": s} for (d, m), s in render.items()])
+    render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
+    print()
+    print(summarise(frame, render))
+    if args.plot:
+        plot(frame, args.plot)
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
