@@ -1,0 +1,341 @@
+"""What the napari layers show, and the genes under any pixel of them (Qt-free).
+
+:class:`ImageSet` gathers everything the omicsimage layers display — images,
+the gene↔pixel map, per-sample expression, class means, predictions and
+saliency — so that a pixel position on *any* of those layers can be turned
+into the genes drawn there (:meth:`ImageSet.report`).  The napari side only
+converts the cursor position into ``(role, row, col, sample)`` and prints
+:meth:`PixelReport.status` / :meth:`PixelReport.tooltip`; everything here is
+plain numpy/pandas so tests can check the text for a known pixel directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .render import PixelMap
+
+#: Channel names shown for three-channel images (R, G, B order of the layouts).
+RGB_NAMES = ("R", "G", "B")
+
+
+@dataclass
+class Mosaic:
+    """Where each class-mean tile sits in the class-means mosaic image.
+
+    Tiles of ``tile`` = (H, W) pixels are laid out in ``n_rows`` × ``n_cols``,
+    separated by ``gap`` pixels (room for the class name above each tile).
+    """
+
+    n_rows: int
+    n_cols: int
+    tile: tuple[int, int]
+    gap: tuple[int, int]
+
+    @classmethod
+    def for_classes(cls, n_classes: int, tile: tuple[int, int]) -> "Mosaic":
+        # Wide rather than tall: the mosaic sits beside the sample image at that image's height,
+        # and each tile must stay wide enough on screen for its class name.
+        n_rows = max(1, round(math.sqrt(n_classes / 2.5)))
+        n_cols = math.ceil(n_classes / n_rows)
+        h, w = tile
+        return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.3)), max(1, round(w * 0.08))))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (h, w), (gr, gc) = self.tile, self.gap
+        return (self.n_rows * (h + gr), self.n_cols * (w + gc) - gc)
+
+    def origin(self, k: int) -> tuple[int, int]:
+        """Top-left pixel of tile ``k`` inside the mosaic."""
+        (h, w), (gr, gc) = self.tile, self.gap
+        r, c = divmod(k, self.n_cols)
+        return (r * (h + gr) + gr, c * (w + gc))
+
+    def locate(self, row: int, col: int, n_tiles: int) -> tuple[int, int, int] | None:
+        """``(tile, row, col)`` of a mosaic pixel, or ``None`` between tiles."""
+        (h, w), (gr, gc) = self.tile, self.gap
+        tr, r = divmod(row, h + gr)
+        tc, c = divmod(col, w + gc)
+        r -= gr
+        if row < 0 or col < 0 or r < 0 or c >= w or tr >= self.n_rows or tc >= self.n_cols:
+            return None
+        k = tr * self.n_cols + tc
+        return (k, r, c) if k < n_tiles else None
+
+    def compose(self, tiles: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """Mosaic image from ``tiles`` (K, H, W) or (K, H, W, 3)."""
+        out = np.full((*self.shape, *tiles.shape[3:]), fill, dtype=np.float32)
+        h, w = self.tile
+        for k, tile in enumerate(tiles):
+            r, c = self.origin(k)
+            out[r : r + h, c : c + w] = tile
+        return out
+
+
+@dataclass
+class PixelReport:
+    """The genes in one pixel, with their expression and saliency in one context."""
+
+    row: int
+    col: int
+    #: what the expression values refer to, e.g. ``sample X (label Y)`` or ``mean of class Y``
+    context: str
+    #: columns ``channel, gene, expression, saliency``; highest saliency (then expression) first
+    table: pd.DataFrame
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.table["gene"])
+
+    def status(self, max_genes: int = 4) -> str:
+        """One line for the status bar."""
+        if self.table.empty:
+            return f"({self.row}, {self.col}): no gene in this pixel"
+        parts = []
+        for channel, group in self.table.groupby("channel", sort=False):
+            names = [f"{g} {e:.2f}" for g, e in zip(group["gene"][:max_genes], group["expression"][:max_genes])]
+            more = f" +{len(group) - max_genes} more" if len(group) > max_genes else ""
+            prefix = f"{channel}: " if channel else ""
+            parts.append(prefix + ", ".join(names) + more)
+        saliency = self.table["saliency"].max()
+        sal = "" if not np.isfinite(saliency) else f" | saliency {saliency:.2f}"
+        return f"{len(self.table)} gene(s): " + " | ".join(parts) + sal + f" ({self.context})"
+
+    def tooltip(self, max_genes: int = 12) -> str:
+        """Several lines for the canvas tooltip."""
+        lines = [f"pixel ({self.row}, {self.col}) · {self.context}"]
+        if self.table.empty:
+            return lines[0] + "\nno gene in this pixel"
+        has_saliency = bool(np.isfinite(self.table["saliency"]).any())
+        lines.append(f"{len(self.table)} gene(s)  gene: expression" + (", saliency" if has_saliency else ""))
+        for rec in self.table.head(max_genes).itertuples():
+            channel = f"[{rec.channel}] " if rec.channel else ""
+            sal = f", {rec.saliency:.2f}" if has_saliency and np.isfinite(rec.saliency) else ""
+            lines.append(f"  {channel}{rec.gene}: {rec.expression:.2f}{sal}")
+        if len(self.table) > max_genes:
+            lines.append(f"  … {len(self.table) - max_genes} more (see the gene inspector)")
+        return "\n".join(lines)
+
+
+def pixel_genes(
+    pixel_map: PixelMap,
+    row: int,
+    col: int,
+    *,
+    expression: np.ndarray | None = None,
+    saliency: np.ndarray | None = None,
+    channel_names: tuple[str, ...] | list[str] | None = None,
+) -> pd.DataFrame:
+    """The genes drawn in pixel ``(row, col)`` of every channel.
+
+    ``expression`` is one value per gene (a sample, or a class mean);
+    ``saliency`` a ``(C, H, W)`` map, whose value at the gene's pixel is the
+    gene's saliency.  Returns ``channel, gene, expression, saliency`` rows,
+    highest saliency first, then highest expression.
+    """
+    names = channel_names or ([""] if pixel_map.n_channels == 1 else [str(c) for c in range(pixel_map.n_channels)])
+    frames = []
+    for c in range(pixel_map.n_channels):
+        idx = pixel_map.genes_at(c, row, col)
+        if len(idx) == 0:
+            continue
+        expr = np.asarray(expression, dtype=float)[idx] if expression is not None else np.full(len(idx), np.nan)
+        sal = float(saliency[c, row, col]) if saliency is not None else np.nan
+        frames.append(pd.DataFrame({"channel": names[c], "gene": pixel_map.genes[idx],
+                                    "expression": expr, "saliency": sal}))
+    if not frames:
+        return pd.DataFrame({"channel": pd.Series(dtype=str), "gene": pd.Series(dtype=str),
+                             "expression": pd.Series(dtype=float), "saliency": pd.Series(dtype=float)})
+    table = pd.concat(frames, ignore_index=True)
+    return table.sort_values(["saliency", "expression"], ascending=False, na_position="last",
+                             kind="stable", ignore_index=True)
+
+
+@dataclass
+class SaliencyView:
+    """Saliency of the loaded samples and what the saliency layer currently shows."""
+
+    method: str
+    #: ``(N, C, H, W)`` raw attributions of every loaded sample
+    per_sample: np.ndarray
+    #: class → ``(C, H, W)`` mean attribution over its correctly predicted samples
+    per_class: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ``None``: the layer follows the sample slider; else the class whose mean map is shown
+    target_class: str | None = None
+
+
+@dataclass
+class ImageSet:
+    """Everything the omicsimage layers show (one per imagified data set)."""
+
+    images: np.ndarray  # (N, C, H, W) float32
+    samples: list[str]
+    labels: np.ndarray | None  # (N,) str
+    expression: np.ndarray  # (N, G) preprocessed, in [0, 1]
+    pixel_map: PixelMap | None  # None for layouts whose pixels are not genes
+    description: str
+    label_column: str | None = None
+    predictions: pd.DataFrame | None = None  # index = sample ids; columns predicted, prob_<class>
+    saliency: SaliencyView | None = None
+    #: the sample the viewer's slider is on (kept up to date by the napari session)
+    current_sample: int = 0
+
+    def __post_init__(self):
+        self.samples = [str(s) for s in self.samples]
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=object).astype(str)
+            self.classes = [str(c) for c in sorted(set(self.labels))]
+            index = {c: i for i, c in enumerate(self.classes)}
+            codes = np.array([index[v] for v in self.labels])
+            self.class_images = np.stack([self.images[codes == k].mean(axis=0) for k in range(len(self.classes))])
+            self.class_expression = np.stack([self.expression[codes == k].mean(axis=0)
+                                              for k in range(len(self.classes))])
+            self.mosaic = Mosaic.for_classes(len(self.classes), self.shape)
+        else:
+            self.classes, self.class_images, self.class_expression, self.mosaic = [], None, None, None
+
+    @classmethod
+    def from_imagified(cls, result, label_column: str | None = None) -> "ImageSet":
+        layout = result.layout
+        return cls(
+            images=np.asarray(result.images, dtype=np.float32),
+            samples=list(result.samples),
+            labels=None if result.labels is None else result.labels.to_numpy(),
+            expression=np.asarray(result.expression, dtype=np.float32),
+            pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
+            description=layout.describe(),
+            label_column=label_column,
+        )
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def n_samples(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def n_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    @property
+    def channel_names(self) -> list[str]:
+        if self.n_channels == 1:
+            return [""]
+        if self.n_channels == 3:
+            return list(RGB_NAMES)
+        return [f"channel {c}" for c in range(self.n_channels)]
+
+    def display_images(self) -> np.ndarray:
+        """``(N, H, W)`` for one channel, ``(N, H, W, 3)`` RGB for three (napari's layouts)."""
+        return channels_last(self.images)
+
+    # ------------------------------------------------------------- samples
+    def sample_caption(self, i: int) -> str:
+        """``sample 3/700 · id · label · predicted`` for the text overlay."""
+        i = int(np.clip(i, 0, self.n_samples - 1))
+        parts = [f"sample {i + 1}/{self.n_samples}: {self.samples[i]}"]
+        if self.labels is not None:
+            parts.append(f"{self.label_column or 'label'}: {self.labels[i]}")
+        pred = self.prediction(i)
+        if pred is not None:
+            label, prob = pred
+            mark = "" if self.labels is None else ("  ✓" if label == self.labels[i] else "  ✗")
+            parts.append(f"predicted: {label} ({prob:.2f}){mark}")
+        return "   ·   ".join(parts)
+
+    def prediction(self, i: int) -> tuple[str, float] | None:
+        if self.predictions is None or self.samples[i] not in self.predictions.index:
+            return None
+        row = self.predictions.loc[self.samples[i]]
+        label = str(row["predicted"])
+        prob = row.get(f"prob_{label}", np.nan)
+        return label, float(prob)
+
+    # ------------------------------------------------------------ saliency
+    def saliency_for_sample(self, i: int) -> np.ndarray | None:
+        """``(C, H, W)`` saliency of sample ``i``, relative to its maximum (so in [0, 1])."""
+        if self.saliency is None:
+            return None
+        return relative(self.saliency.per_sample[i])
+
+    def saliency_for_class(self, name: str) -> np.ndarray | None:
+        """``(C, H, W)`` mean saliency of a class, relative to its maximum."""
+        if self.saliency is None or name not in self.saliency.per_class:
+            return None
+        return relative(self.saliency.per_class[name])
+
+    def context(self, sample: int | None = None) -> tuple[np.ndarray | None, np.ndarray, str]:
+        """``(saliency (C, H, W) relative or None, expression (G,), description)`` of what is shown.
+
+        The saliency layer shows either the slider's sample or one class's mean
+        map; region tables and exports use the same values.
+        """
+        target = self.saliency.target_class if self.saliency is not None else None
+        if target is not None:
+            k = self.classes.index(target)
+            return self.saliency_for_class(target), self.class_expression[k], f"mean of class {target}"
+        i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
+        label = f" ({self.labels[i]})" if self.labels is not None else ""
+        return self.saliency_for_sample(i), self.expression[i], f"sample {self.samples[i]}{label}"
+
+    # --------------------------------------------------------------- hover
+    def report(self, role: str, row: float, col: float, sample: int | None = None) -> PixelReport | None:
+        """Genes at a pixel of the layer with ``role``; ``None`` off the image or without a gene map.
+
+        ``row, col`` are the layer's data coordinates (for the class-means
+        mosaic, mosaic pixels); ``sample`` is the sample slider position.
+        """
+        if self.pixel_map is None:
+            return None
+        row, col = int(round(row)), int(round(col))
+        h, w = self.shape
+        if role == "class-means":
+            if self.mosaic is None:
+                return None
+            hit = self.mosaic.locate(row, col, len(self.classes))
+            if hit is None:
+                return None
+            k, row, col = hit
+            name = self.classes[k]
+            context = f"mean of class {name}"
+            expression = self.class_expression[k]
+            saliency = self.saliency_for_class(name)
+        else:
+            if not (0 <= row < h and 0 <= col < w):
+                return None
+            shown_class = self.saliency.target_class if self.saliency is not None else None
+            if role == "saliency" and shown_class is not None:
+                saliency, expression, context = self.context()
+            else:
+                # the sample's own saliency, even while the saliency layer shows a class mean
+                i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
+                label = f" ({self.labels[i]})" if self.labels is not None else ""
+                context = f"sample {self.samples[i]}{label}"
+                expression = self.expression[i]
+                saliency = self.saliency_for_sample(i)
+        table = pixel_genes(self.pixel_map, row, col, expression=expression, saliency=saliency,
+                            channel_names=self.channel_names)
+        return PixelReport(row, col, context, table)
+
+
+def relative(saliency: np.ndarray) -> np.ndarray:
+    """Saliency divided by its maximum: attributions have arbitrary units, fractions compare."""
+    saliency = np.asarray(saliency, dtype=np.float32)
+    top = float(saliency.max()) if saliency.size else 0.0
+    return saliency / top if top > 0 else np.zeros_like(saliency)
+
+
+def channels_last(images: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` → ``(N, H, W)`` (one channel) or ``(N, H, W, C)``."""
+    images = np.asarray(images)
+    if images.shape[1] == 1:
+        return images[:, 0]
+    return np.moveaxis(images, 1, -1)

@@ -1,0 +1,161 @@
+"""Small Qt helpers shared by the widgets: errors, tables, background work."""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (QGroupBox, QHeaderView, QLabel, QProgressBar, QTableWidget, QTableWidgetItem,
+                            QVBoxLayout, QWidget)
+
+from ..errors import OmicsInputError
+
+log = logging.getLogger("napari_omicsimage")
+
+
+def report_error(exc: BaseException) -> str:
+    """Show an error as a napari notification; returns the message shown.
+
+    Input problems (:class:`OmicsInputError`) already say what to do; anything
+    else is a bug, so its type is shown and the traceback is logged.
+    """
+    from napari.utils.notifications import show_error
+
+    if isinstance(exc, OmicsInputError):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("napari-omicsimage: %s", "".join(traceback.format_exception(exc)))
+    show_error(message)
+    return message
+
+
+def report_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+def group(title: str, *widgets_or_layouts) -> QGroupBox:
+    box = QGroupBox(title)
+    layout = QVBoxLayout(box)
+    layout.setContentsMargins(6, 6, 6, 6)
+    for item in widgets_or_layouts:
+        if isinstance(item, QWidget):
+            layout.addWidget(item)
+        else:
+            layout.addLayout(item)
+    return box
+
+
+def wrapped_label(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def make_table(columns: list[str]) -> QTableWidget:
+    table = QTableWidget(0, len(columns))
+    table.setHorizontalHeaderLabels(columns)
+    table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+    table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
+    table.verticalHeader().setVisible(False)
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    table.horizontalHeader().setStretchLastSection(True)
+    return table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return "" if not math.isfinite(float(value)) else f"{float(value):.3f}"
+    return str(value)
+
+
+def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | None = None,
+               max_rows: int = 1000) -> None:
+    """Show ``frame`` (first ``max_rows`` rows) in ``table``; each row keeps its frame row in UserRole."""
+    columns = columns or list(frame.columns)
+    table.setSortingEnabled(False)
+    table.clearContents()
+    table.setColumnCount(len(columns))
+    table.setHorizontalHeaderLabels(columns)
+    shown = frame.head(max_rows)
+    table.setRowCount(len(shown))
+    for r, (index, row) in enumerate(shown.iterrows()):
+        for c, name in enumerate(columns):
+            item = QTableWidgetItem(_cell(row.get(name)))
+            if c == 0:
+                item.setData(Qt.ItemDataRole.UserRole, index)
+            table.setItem(r, c, item)
+
+
+def table_column(table: QTableWidget, name: str) -> list[str]:
+    """Texts of one column (tests and exports read tables through this)."""
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    c = headers.index(name)
+    return [table.item(r, c).text() for r in range(table.rowCount())]
+
+
+def progress_bar() -> QProgressBar:
+    bar = QProgressBar()
+    bar.setRange(0, 100)
+    bar.setValue(0)
+    bar.setTextVisible(True)
+    return bar
+
+
+class Relay(QObject):
+    """Carries events from a worker thread to the main thread (queued Qt signal)."""
+
+    event = Signal(object)
+
+
+class BackgroundTask:
+    """Runs one function at a time in a napari thread worker.
+
+    ``running`` tells tests and the UI whether work is under way; results and
+    errors come back in the main thread through ``on_done`` / ``on_error``.
+    """
+
+    def __init__(self):
+        self.worker = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, fn: Callable, *, on_done: Callable, on_error: Callable | None = None,
+              on_finished: Callable | None = None) -> None:
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            raise OmicsInputError("a task is already running; wait for it or cancel it first.")
+        worker = create_worker(fn, _start_thread=False, _ignore_errors=True)
+
+        def finished():
+            if self.worker is worker:  # not a worker detached by a cancel
+                self.worker = None
+                if on_finished is not None:
+                    on_finished()
+
+        worker.returned.connect(on_done)
+        worker.errored.connect(on_error or report_error)
+        worker.finished.connect(finished)
+        self.worker = worker
+        worker.start()
+
+    def detach(self) -> None:
+        """Stop waiting for the running worker (used when its work cannot be interrupted).
+
+        Callers ignore its result by checking their own run token.
+        """
+        self.worker = None

@@ -1,0 +1,458 @@
+"""One :class:`OmicsSession` per napari viewer: the state every widget shares.
+
+Widgets are thin: they collect options, run core functions (in worker
+threads) and hand the results to the session, which owns the data, the
+imagified result, the model, predictions and saliency, keeps the napari layers
+in step with them, and answers "which genes are under this pixel?".
+
+The session holds the viewer weakly (napari checks that closed viewers are
+garbage-collected) and is itself kept in a per-viewer weak registry.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from psygnal import Signal
+
+from .._hover import ImageSet, PixelReport, SaliencyView
+from .._regions import Regions, region_gene_table, region_names
+from ..errors import OmicsInputError
+from ..preprocess import PreprocessConfig
+from . import _layers as L
+
+#: layer roles whose hover text names genes
+HOVER_ROLES = ("images", "class-means", "density", "saliency", "pixel-genes")
+
+_SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def get_session(viewer) -> "OmicsSession":
+    """The session of ``viewer``, created on first use."""
+    session = _SESSIONS.get(viewer)
+    if session is None:
+        session = OmicsSession(viewer)
+        _SESSIONS[viewer] = session
+    return session
+
+
+def session_for_current_viewer() -> "OmicsSession | None":
+    """The current viewer's session (reader and sample data use it so hover works without widgets)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # noqa: BLE001 - no Qt application / no viewer: nothing to attach to
+        return None
+    return get_session(viewer) if viewer is not None else None
+
+
+@dataclass
+class DataPayload:
+    """What a reader or sample-data layer brings along so the session can adopt it."""
+
+    adata: object
+    label_column: str | None
+    source: str
+    imagified: object
+    layout_spec: dict
+
+
+class OmicsSession:
+    """Shared state of the omicsimage widgets of one viewer."""
+
+    data_changed = Signal()
+    images_changed = Signal()
+    model_changed = Signal()
+    saliency_changed = Signal()
+    sample_changed = Signal(int)
+    #: the pixel report under the cursor (or None), for the gene inspector
+    hovered = Signal(object)
+
+    def __init__(self, viewer):
+        self._viewer = weakref.ref(viewer)
+        self.adata = None
+        self.label_column: str | None = None
+        self.source = ""
+        self.preprocess = PreprocessConfig()
+        self.layout_spec: dict | None = None
+        self.imagified = None
+        self.imageset: ImageSet | None = None
+        self.trained = None
+        self.training_result = None
+        self._last_hover_key = None
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        viewer.dims.events.current_step.connect(self._on_step)
+        viewer.cursor.events.position.connect(self._on_cursor)
+        viewer.layers.selection.events.active.connect(self._on_active_layer)
+        # napari hides layer tooltips by default; the gene names are the point of hovering here
+        viewer.tooltip.visible = True
+        for layer in list(viewer.layers):
+            self._on_layer_inserted(_Inserted(layer))
+
+    @property
+    def viewer(self):
+        viewer = self._viewer()
+        if viewer is None:
+            raise RuntimeError("the napari viewer of this session was closed")
+        return viewer
+
+    # ----------------------------------------------------------------- data
+    def set_data(self, adata, label_column: str | None, source: str = "") -> None:
+        """New expression data: forget images, model and saliency made from the old data."""
+        self.adata = adata
+        self.label_column = label_column
+        self.source = source
+        self.imagified = None
+        self.trained = None
+        self.training_result = None
+        self.data_changed.emit()
+
+    def set_label_column(self, label_column: str | None) -> None:
+        if label_column is not None:
+            from ..io import check_labels
+
+            check_labels(self.adata, label_column)
+        self.label_column = label_column
+        self.data_changed.emit()
+
+    def require_data(self):
+        if self.adata is None:
+            raise OmicsInputError("no data loaded: open a file or the sample data in the Data widget first.")
+        return self.adata
+
+    def require_labels(self) -> str:
+        self.require_data()
+        if self.label_column is None:
+            raise OmicsInputError("no label column chosen: pick the column holding the classes in the Data widget.")
+        return self.label_column
+
+    # --------------------------------------------------------------- images
+    def set_imagified(self, result, layout_spec: dict) -> None:
+        """Show a fresh :func:`~napari_omicsimage.pipeline.imagify` result."""
+        self.imagified = result
+        self.layout_spec = dict(layout_spec)
+        self.show_imageset(ImageSet.from_imagified(result, self.label_column))
+
+    def show_imageset(self, imageset: ImageSet) -> None:
+        """Replace the omicsimage layers by those of ``imageset`` (hand-drawn regions stay)."""
+        viewer = self.viewer
+        keep_regions = [layer for layer in viewer.layers if L.role_of(layer) == "regions"]
+        self._remove_layers(lambda layer: L.role_of(layer) not in (None, "regions"))
+        self.imageset = imageset
+        first = None
+        for data, kwargs, kind in L.image_layers(imageset):
+            layer = _create_layer(data, kwargs, kind)
+            viewer.add_layer(layer)
+            first = first or layer
+        for layer in keep_regions:
+            layer.metadata[L.META_KEY]["imageset"] = imageset
+            # keep drawn regions on top of the new images
+            viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
+        self._after_images_shown()
+
+    def _after_images_shown(self) -> None:
+        viewer = self.viewer
+        if viewer.dims.ndim >= 3:
+            viewer.dims.axis_labels = ("sample", "row", "col")[-viewer.dims.ndim:] \
+                if viewer.dims.ndim == 3 else viewer.dims.axis_labels
+        images = self.layer("images")
+        if images is not None:
+            viewer.layers.selection.active = images
+        viewer.reset_view()
+        overlay = viewer.canvas.overlays.text
+        overlay.visible = True
+        overlay.position = "top_left"
+        overlay.font_size = 11
+        overlay.color = "white"
+        if self.imageset is not None:
+            self.imageset.current_sample = self.current_sample()
+        self._update_caption()
+        self.images_changed.emit()
+
+    def layer(self, role: str):
+        """The viewer's (topmost) layer with this role, or None."""
+        viewer = self._viewer()
+        if viewer is None:
+            return None
+        for layer in reversed(list(viewer.layers)):
+            if L.role_of(layer) == role:
+                return layer
+        return None
+
+    def _remove_layers(self, predicate) -> None:
+        viewer = self.viewer
+        for layer in [layer for layer in viewer.layers if predicate(layer)]:
+            viewer.layers.remove(layer)
+
+    def current_sample(self) -> int:
+        viewer = self._viewer()
+        if viewer is None or self.imageset is None or viewer.dims.ndim < 3:
+            return 0
+        step = viewer.dims.current_step[0]
+        return int(np.clip(step, 0, self.imageset.n_samples - 1))
+
+    def go_to_sample(self, index: int) -> None:
+        viewer = self.viewer
+        if viewer.dims.ndim >= 3:
+            viewer.dims.set_current_step(0, int(index))
+
+    def caption(self) -> str:
+        if self.imageset is None:
+            return ""
+        return self.imageset.sample_caption(self.current_sample())
+
+    def _update_caption(self) -> None:
+        viewer = self._viewer()
+        if viewer is not None and self.imageset is not None:
+            viewer.canvas.overlays.text.text = self.caption()
+
+    def _on_step(self, event=None) -> None:
+        if self.imageset is None:
+            return
+        self.imageset.current_sample = self.current_sample()
+        self._update_caption()
+        self.sample_changed.emit(self.current_sample())
+
+    # ---------------------------------------------------------------- model
+    def set_trained(self, trained, training_result=None, predictions: pd.DataFrame | None = None) -> None:
+        """A trained or loaded model: show the images *it* sees, and its predictions.
+
+        The model comes with its own preprocessing and fitted layout, which may
+        differ from the imagified view (training fits them again), so the images
+        are re-rendered through the model to keep saliency aligned with them.
+        ``predictions`` (indexed by sample) replace the model's own, e.g. the
+        out-of-fold predictions of cross-validation.
+        """
+        self.trained = trained
+        self.training_result = training_result
+        if self.adata is not None:
+            self._show_model_view(predictions)
+        self.model_changed.emit()
+
+    def _show_model_view(self, predictions: pd.DataFrame | None = None) -> None:
+        trained = self.trained
+        x, images = trained.prepare(self.adata)
+        labels = None
+        if self.label_column is not None and self.label_column in self.adata.obs:
+            labels = self.adata.obs[self.label_column].astype(str).to_numpy()
+        layout = trained.layout
+        imageset = ImageSet(
+            images=np.asarray(images, dtype=np.float32), samples=list(self.adata.obs_names), labels=labels,
+            expression=np.asarray(x, dtype=np.float32),
+            pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
+            description=layout.describe(), label_column=self.label_column,
+            predictions=predictions if predictions is not None else self.predict())
+        self.show_imageset(imageset)
+
+    def predict(self) -> pd.DataFrame | None:
+        if self.trained is None or self.adata is None:
+            return None
+        frame = self.trained.predict(self.adata)
+        return frame.set_index("sample") if "sample" in frame.columns else frame
+
+    def require_model(self):
+        if self.trained is None:
+            raise OmicsInputError("no model yet: train one (Train widget) or load a checkpoint (Load model widget).")
+        return self.trained
+
+    # ------------------------------------------------------------- saliency
+    def set_saliency(self, view: SaliencyView) -> None:
+        if self.imageset is None:
+            raise OmicsInputError("no images shown: imagify the data or load a model first.")
+        self.imageset.saliency = view
+        self.show_saliency()
+        self.saliency_changed.emit()
+
+    def show_saliency(self, target_class: str | None = None) -> None:
+        """Show the per-sample saliency (follows the slider) or a class's mean map."""
+        imageset = self.imageset
+        if imageset is None or imageset.saliency is None:
+            raise OmicsInputError("no saliency yet: compute it in the Saliency widget first.")
+        if target_class is not None and target_class not in imageset.saliency.per_class:
+            raise OmicsInputError(
+                f"no saliency map for class {target_class!r}: none of its samples was predicted correctly.")
+        imageset.saliency.target_class = target_class
+        self._remove_layers(lambda layer: L.role_of(layer) in ("saliency", "selected-gene"))
+        data, kwargs, kind = L.saliency_layer(imageset)
+        layer = _create_layer(data, kwargs, kind)
+        viewer = self.viewer
+        viewer.add_layer(layer)
+        images_index = viewer.layers.index(self.layer("images"))
+        viewer.layers.move(viewer.layers.index(layer), images_index + 1)
+        viewer.layers.selection.active = layer
+
+    def saliency_context(self) -> tuple[np.ndarray | None, np.ndarray, str]:
+        """``(saliency (C,H,W) relative or None, expression (G,), description)`` of what is shown now."""
+        if self.imageset is None:
+            raise OmicsInputError("no images shown: imagify the data first.")
+        return self.imageset.context(self.current_sample())
+
+    def highlight_pixel(self, row: int, col: int, gene: str) -> None:
+        """Mark one pixel (the selected gene's) with a cyan square."""
+        if self.imageset is None:
+            return
+        self._remove_layers(lambda layer: L.role_of(layer) == "selected-gene")
+        data, kwargs, kind = L.selected_gene_layer(self.imageset, row, col, gene)
+        viewer = self.viewer
+        active = viewer.layers.selection.active
+        viewer.add_layer(_create_layer(data, kwargs, kind))
+        if active is not None and active in viewer.layers:
+            viewer.layers.selection.active = active
+
+    # -------------------------------------------------------------- regions
+    def add_regions_layer(self, name: str = "regions"):
+        """A 2-D Shapes layer (shared by all samples) for drawing regions, in polygon mode."""
+        layer = _create_layer(None, L.regions_layer_kwargs(self.imageset, name), "shapes")
+        self.viewer.add_layer(layer)
+        layer.mode = "add_polygon"
+        return layer
+
+    def regions_of(self, layer) -> Regions:
+        """Regions drawn on a Shapes layer or painted on a Labels layer."""
+        imageset = self.imageset
+        if imageset is None:
+            raise OmicsInputError("no images shown: imagify the data first, then draw regions on them.")
+        kind = type(layer).__name__.lower()
+        if kind == "shapes":
+            names = region_names(layer.features, len(layer.data))
+            return Regions.from_shapes(layer.data, layer.shape_type, imageset.shape, names)
+        if kind == "labels":
+            data = np.asarray(layer.data)
+            if data.ndim == 3 and data.shape[1:] == imageset.shape:
+                # painted on a per-sample stack: use the slice of the current sample
+                data = data[self.current_sample()]
+            return Regions(imageset.shape, [], data)
+        raise OmicsInputError(f"layer {layer.name!r} is a {kind} layer; draw regions on Shapes or Labels layers.")
+
+    def region_table(self, layer) -> pd.DataFrame:
+        """Genes inside each region of ``layer``, ranked by the saliency shown now."""
+        imageset = self.imageset
+        if imageset is None or imageset.pixel_map is None:
+            raise OmicsInputError(
+                "these images have no gene map (the published RGB method places samples, not genes): "
+                "imagify with deepinsight, fotomics, rgb-layouts or grid to annotate genes.")
+        saliency, expression, _ = self.saliency_context()
+        return region_gene_table(imageset.pixel_map, self.regions_of(layer).masks(), saliency=saliency,
+                                 expression=expression, channel_names=imageset.channel_names)
+
+    # ---------------------------------------------------------------- hover
+    def report_at(self, layer, position, world: bool = True) -> PixelReport | None:
+        """Genes under ``position`` on ``layer`` (world coordinates by default)."""
+        role = L.role_of(layer)
+        imageset = L.imageset_of(layer)
+        if role not in HOVER_ROLES or imageset is None or position is None:
+            return None
+        position = np.asarray(position, dtype=float)
+        data = layer.world_to_data(position) if world else position
+        if len(data) < 2:
+            return None
+        sample = self.current_sample() if imageset is self.imageset else 0
+        return imageset.report(role, data[-2], data[-1], sample)
+
+    def _on_cursor(self, event=None) -> None:
+        viewer = self._viewer()
+        if viewer is None:
+            return
+        layer = viewer.layers.selection.active
+        if L.role_of(layer) not in HOVER_ROLES:
+            layer = self.layer("images")
+        report = self.report_at(layer, viewer.cursor.position) if layer is not None else None
+        key = None if report is None else (id(layer), report.row, report.col, report.context)
+        if key != self._last_hover_key:
+            self._last_hover_key = key
+            self.hovered.emit(report)
+
+    def _on_active_layer(self, event=None) -> None:
+        self._last_hover_key = None
+
+    # ------------------------------------------------------- layer adoption
+    def _on_layer_inserted(self, event) -> None:
+        layer = event.value
+        role = L.role_of(layer)
+        if role is None:
+            return
+        if role in HOVER_ROLES:
+            install_gene_status(layer, self)
+        payload = layer.metadata[L.META_KEY].get("payload")
+        if role == "images" and isinstance(payload, DataPayload) and L.imageset_of(layer) is not self.imageset:
+            self._adopt(layer, payload)
+
+    def _adopt(self, layer, payload: DataPayload) -> None:
+        """Take over data brought by the reader or sample data (their layers are already added)."""
+        new = L.imageset_of(layer)
+        self._remove_layers(lambda other: L.role_of(other) not in (None, "regions")
+                            and L.imageset_of(other) is not new)
+        self.adata = payload.adata
+        self.label_column = payload.label_column
+        self.source = payload.source
+        self.trained = None
+        self.training_result = None
+        self.imagified = payload.imagified
+        self.layout_spec = dict(payload.layout_spec)
+        self.imageset = new
+        layer.metadata[L.META_KEY].pop("payload", None)  # do not keep the AnnData alive twice
+        self.data_changed.emit()
+        self._after_images_shown()
+
+
+class _Inserted:
+    def __init__(self, layer):
+        self.value = layer
+
+
+def _create_layer(data, kwargs, kind):
+    from napari.layers import Layer
+
+    return Layer.create(data, kwargs, kind)
+
+
+def install_gene_status(layer, session: OmicsSession) -> None:
+    """Make ``layer``'s status bar text and tooltip name the genes under the cursor.
+
+    napari asks the *active* layer for its status (``get_status``) and tooltip
+    (``_get_tooltip_text``), from a worker thread.  Image layers have no hook
+    for extra text, so we wrap these two methods on our own layers.  For the
+    ``gene pixels`` Labels layer the base-class status is used, so its
+    ``features`` row is not printed twice.
+    """
+    if getattr(layer, "_omicsimage_hover", False):
+        return
+    from napari.layers.base import Layer
+
+    session_ref = weakref.ref(session)
+    base_status = (lambda *a, **k: Layer.get_status(layer, *a, **k)) if L.role_of(layer) == "pixel-genes" \
+        else layer.get_status
+    base_tooltip = layer._get_tooltip_text
+
+    def _report(position, world):
+        owner = session_ref()
+        if owner is None or position is None:
+            return None
+        try:
+            return owner.report_at(layer, position, world=world)
+        except Exception:  # noqa: BLE001 - never break napari's status thread over a hover
+            return None
+
+    def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False, value=None):
+        status = base_status(position, view_direction=view_direction, dims_displayed=dims_displayed,
+                             world=world, value=value)
+        report = _report(position, world)
+        if report is not None:
+            text = report.status()
+            status["coordinates"] = f"{status.get('coords', '')}: {text}"
+            status["value"] = text
+        return status
+
+    def get_tooltip_text(position, *, view_direction=None, dims_displayed=None, world=False):
+        report = _report(position, world)
+        if report is not None:
+            return report.tooltip()
+        return base_tooltip(position, view_direction=view_direction, dims_displayed=dims_displayed, world=world)
+
+    layer.get_status = get_status
+    layer._get_tooltip_text = get_tooltip_text
+    layer._omicsimage_hover = True

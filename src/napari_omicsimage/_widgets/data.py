@@ -1,0 +1,170 @@
+"""Data widget: open expression data (or the bundled sample), pick the labels, set preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox,
+                            QVBoxLayout, QWidget)
+
+from .._reader import guess_label_column
+from ..errors import OmicsInputError
+from ..io import SAMPLE_DATASETS, load_sample_data, read_expression
+from ..preprocess import PreprocessConfig
+from ._common import fill_table, group, make_table, report_error, wrapped_label
+from ._state import get_session
+
+ORIENTATIONS = {"detect automatically": "auto", "genes in rows": "genes-in-rows",
+                "samples in rows": "samples-in-rows"}
+SCALES = {"detect automatically": None, "already log-scale (microarray, normalised)": True,
+          "raw counts (normalise + log1p)": False}
+NO_LABELS = "(no labels)"
+EXPRESSION_FILTER = "Expression data (*.h5ad *.csv *.tsv *.txt *.csv.gz *.tsv.gz *.txt.gz *.h5 *.mtx *.mtx.gz)"
+
+
+class DataWidget(QWidget):
+    """Open a file or the bundled sample, choose the label column and preprocessing."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self._labels_path: str | None = None
+
+        self.open_button = QPushButton("Open expression file…")
+        self.open_button.setToolTip(EXPRESSION_FILTER)
+        self.open_button.clicked.connect(self._choose_file)
+        self.sample_combo = QComboBox()
+        self.sample_combo.addItems(list(SAMPLE_DATASETS))
+        self.sample_button = QPushButton("Load sample data")
+        self.sample_button.setToolTip("scanpy's pbmc68k_reduced: 700 blood cells × 765 genes, 10 cell types")
+        self.sample_button.clicked.connect(lambda: self.load_sample(self.sample_combo.currentText()))
+        self.labels_button = QPushButton("Labels table…")
+        self.labels_button.setToolTip("optional CSV/TSV with one row per sample (ids in the first column)")
+        self.labels_button.clicked.connect(self._choose_labels)
+        self.labels_path_label = QLabel("no separate labels table")
+        self.orientation_combo = QComboBox()
+        self.orientation_combo.addItems(list(ORIENTATIONS))
+
+        open_row = QHBoxLayout()
+        open_row.addWidget(self.open_button)
+        open_row.addWidget(self.labels_button)
+        sample_row = QHBoxLayout()
+        sample_row.addWidget(self.sample_combo)
+        sample_row.addWidget(self.sample_button)
+        orientation_form = QFormLayout()
+        orientation_form.addRow("tables:", self.orientation_combo)
+
+        self.summary = wrapped_label("No data loaded. Open a file, drop one on the canvas, or load the sample data.")
+        self.label_combo = QComboBox()
+        self.label_combo.currentTextChanged.connect(self._label_column_chosen)
+        label_form = QFormLayout()
+        label_form.addRow("label column:", self.label_combo)
+        self.class_table = make_table(["class", "samples"])
+        self.class_table.setMinimumHeight(120)
+
+        self.scale_combo = QComboBox()
+        self.scale_combo.addItems(list(SCALES))
+        self.top_genes = QSpinBox()
+        self.top_genes.setRange(0, 100000)
+        self.top_genes.setValue(2000)
+        self.top_genes.setToolTip("keep this many highly variable genes (0 keeps every gene)")
+        self.min_genes = QSpinBox()
+        self.min_genes.setRange(0, 100000)
+        self.min_genes.setToolTip("drop samples with fewer detected genes (quality control; 0 keeps all)")
+        pre_form = QFormLayout()
+        pre_form.addRow("values:", self.scale_combo)
+        pre_form.addRow("top variable genes:", self.top_genes)
+        pre_form.addRow("min genes per sample:", self.min_genes)
+        for signal in (self.scale_combo.currentTextChanged, self.top_genes.valueChanged, self.min_genes.valueChanged):
+            signal.connect(self._preprocessing_changed)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(group("Open", open_row, self.labels_path_label, orientation_form, sample_row))
+        layout.addWidget(group("Samples and classes", self.summary, label_form, self.class_table))
+        layout.addWidget(group("Preprocessing (used by Imagify and Train)", pre_form))
+        layout.addStretch(1)
+
+        self.session.data_changed.connect(self.refresh)
+        self._preprocessing_changed()
+        self.refresh()
+
+    # --------------------------------------------------------------- loading
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open expression data", "", EXPRESSION_FILTER)
+        if path:
+            self.load_path(path)
+
+    def _choose_labels(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Labels table", "", "Tables (*.csv *.tsv *.txt)")
+        if path:
+            self._labels_path = path
+            self.labels_path_label.setText(f"labels: {Path(path).name}")
+
+    def load_path(self, path: str | Path, labels: str | Path | None = None) -> bool:
+        """Read an expression file (and optional labels table) into the session."""
+        labels = labels if labels is not None else self._labels_path
+        try:
+            adata = read_expression(path, orientation=ORIENTATIONS[self.orientation_combo.currentText()],
+                                    labels=labels)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
+            report_error(exc)
+            return False
+        self.session.set_data(adata, guess_label_column(adata), source=Path(path).name)
+        return True
+
+    def load_sample(self, name: str = "pbmc68k_reduced") -> bool:
+        try:
+            adata = load_sample_data(name)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return False
+        self.session.set_data(adata, SAMPLE_DATASETS[name], source=name)
+        return True
+
+    # ------------------------------------------------------------ labels
+    def _label_column_chosen(self, text: str) -> None:
+        if getattr(self, "_refreshing", False) or self.session.adata is None:
+            return
+        try:
+            self.session.set_label_column(None if text in ("", NO_LABELS) else text)
+        except OmicsInputError as exc:
+            report_error(exc)
+            self.refresh()
+
+    def _preprocessing_changed(self, *_) -> None:
+        top = self.top_genes.value()
+        self.session.preprocess = PreprocessConfig(
+            log_scale=SCALES[self.scale_combo.currentText()],
+            n_top_genes=None if top == 0 else top,
+            min_genes=self.min_genes.value(),
+        )
+
+    # ----------------------------------------------------------- display
+    def refresh(self) -> None:
+        adata = self.session.adata
+        self._refreshing = True
+        try:
+            self.label_combo.clear()
+            if adata is None:
+                self.class_table.setRowCount(0)
+                return
+            note = adata.uns.get("omicsimage", {}).get("orientation", "")
+            source = self.session.source or "data"
+            self.label_combo.addItem(NO_LABELS)
+            self.label_combo.addItems([str(c) for c in adata.obs.columns])
+            column = self.session.label_column
+            self.label_combo.setCurrentText(column if column is not None else NO_LABELS)
+            if column is not None:
+                counts = adata.obs[column].astype(str).value_counts()
+                frame = pd.DataFrame({"class": counts.index, "samples": counts.to_numpy()})
+                fill_table(self.class_table, frame)
+                classes = f", {len(counts)} classes in {column!r}"
+            else:
+                self.class_table.setRowCount(0)
+                classes = "; no labels chosen (training needs them)"
+            self.summary.setText(f"{source}: {adata.n_obs} samples × {adata.n_vars} genes{classes}"
+                                 + (f"\n({note})" if note else ""))
+        finally:
+            self._refreshing = False

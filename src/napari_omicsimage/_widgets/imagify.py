@@ -1,0 +1,202 @@
+"""Imagify widget: method and parameters → image stack, gene density and class means."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+from ..pipeline import imagify
+from ._common import BackgroundTask, Relay, group, progress_bar, report_error, report_info, wrapped_label
+from ._state import get_session
+
+METHOD_HELP = {
+    "deepinsight": "genes placed by a 2-D embedding of their profiles (similar genes sit together)",
+    "fotomics": "genes placed by the Fourier transform of the samples",
+    "rgb-layouts": "three gene layouts (t-SNE, PCA, UMAP) as red, green and blue",
+    "grid": "one gene per pixel, row by row (input, chromosome or cluster order)",
+    "rgb-embedding": "the published RGB method: one dot per sample; pixels are NOT genes (no gene hover)",
+}
+
+
+class ImagifyWidget(QWidget):
+    """Turn the loaded samples into images shown as napari layers."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.task = BackgroundTask()
+        self._run_id = 0
+
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(METHODS))
+        self.method_combo.currentTextChanged.connect(self._method_changed)
+        self.method_help = wrapped_label()
+        self.size_spin = QSpinBox()
+        self.size_spin.setRange(0, 512)
+        self.size_spin.setValue(48)
+        self.size_spin.setSpecialValueText("automatic")
+        self.size_spin.setToolTip("image side in pixels (grid: 'automatic' = smallest square holding all genes)")
+        self.extractor_combo = QComboBox()
+        self.extractor_combo.addItems(list(FEATURE_EXTRACTORS))
+        self.extractor_combo.setToolTip("tsne: best-looking layouts; pca: fastest")
+        self.discretization_combo = QComboBox()
+        self.discretization_combo.addItems(list(DISCRETIZATIONS))
+        self.order_combo = QComboBox()
+        self.order_combo.addItems(list(GRID_ORDERS))
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        form = QFormLayout()
+        form.addRow("method:", self.method_combo)
+        form.addRow("", self.method_help)
+        form.addRow("image size:", self.size_spin)
+        form.addRow("gene embedding:", self.extractor_combo)
+        form.addRow("discretisation:", self.discretization_combo)
+        form.addRow("grid order:", self.order_combo)
+        form.addRow("random seed:", self.seed_spin)
+
+        self.run_button = QPushButton("Imagify")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = progress_bar()
+        self.status = wrapped_label("")
+        self.caption = wrapped_label("")
+        self.notes = wrapped_label("")
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(group("Layout", form))
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(group("Current sample (move the slider under the canvas)", self.caption, self.notes))
+        layout.addStretch(1)
+
+        self._relay = Relay()
+        self._relay.event.connect(self._on_progress)
+        self.session.images_changed.connect(self._images_changed)
+        self.session.sample_changed.connect(lambda *_: self.caption.setText(self.session.caption()))
+        self.session.data_changed.connect(self._data_changed)
+        self._method_changed(self.method_combo.currentText())
+        self._data_changed()
+        self._images_changed()
+
+    # ----------------------------------------------------------- options
+    def _method_changed(self, method: str) -> None:
+        self.method_help.setText(METHOD_HELP.get(method, ""))
+        self.extractor_combo.setEnabled(method == "deepinsight")
+        self.discretization_combo.setEnabled(method in ("deepinsight", "fotomics", "rgb-layouts"))
+        self.order_combo.setEnabled(method == "grid")
+        self.seed_spin.setEnabled(method in ("deepinsight", "rgb-layouts", "rgb-embedding"))
+
+    def layout_spec(self) -> dict:
+        """``{"method", "size", **params}`` as :func:`layouts.make_layout` and training take it."""
+        method = self.method_combo.currentText()
+        params: dict = {}
+        if method in ("deepinsight", "rgb-layouts", "rgb-embedding"):
+            params["random_state"] = self.seed_spin.value()
+        if method == "deepinsight":
+            params["feature_extractor"] = self.extractor_combo.currentText()
+        if method in ("deepinsight", "fotomics", "rgb-layouts"):
+            params["discretization"] = self.discretization_combo.currentText()
+        if method == "grid":
+            params["order"] = self.order_combo.currentText()
+        size = self.size_spin.value() or None
+        return {"method": method, "size": size, **params}
+
+    def set_layout_spec(self, spec: dict) -> None:
+        """Show ``spec`` in the form (used when data arrive with a layout already fitted)."""
+        self.method_combo.setCurrentText(spec.get("method", "deepinsight"))
+        self.size_spin.setValue(int(spec.get("size") or 0))
+        if "feature_extractor" in spec:
+            self.extractor_combo.setCurrentText(spec["feature_extractor"])
+        if "discretization" in spec:
+            self.discretization_combo.setCurrentText(spec["discretization"])
+        if "order" in spec:
+            self.order_combo.setCurrentText(spec["order"])
+        if "random_state" in spec:
+            self.seed_spin.setValue(int(spec["random_state"]))
+
+    # --------------------------------------------------------------- run
+    def run(self) -> None:
+        session = self.session
+        try:
+            adata = session.require_data()
+            spec = self.layout_spec()
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        params = {k: v for k, v in spec.items() if k not in ("method", "size")}
+        label_column, preprocess = session.label_column, session.preprocess
+        relay = self._relay
+
+        def work():
+            return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
+                           preprocess=preprocess, layout_params=params,
+                           progress=lambda done, total: relay.event.emit((done, total)))
+
+        self._run_id += 1
+        run_id = self._run_id
+        self.progress.setRange(0, 0)  # busy: fitting a layout reports no progress
+        self.status.setText(f"fitting the {spec['method']} layout on {adata.n_obs} samples…")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.task.start(work, on_done=lambda result: self._done(result, spec, run_id),
+                        on_error=lambda exc: self._failed(exc, run_id), on_finished=self._finished)
+
+    def cancel(self) -> None:
+        """Stop waiting: a layout fit cannot be interrupted, so its result is discarded when it ends."""
+        if self.task.running:
+            self._run_id += 1
+            self.task.detach()
+            self._finished()
+            self.progress.setValue(0)
+            self.status.setText("cancelled (the running layout fit finishes in the background and is discarded)")
+
+    def _on_progress(self, value) -> None:
+        done, total = value
+        if self.task.running:
+            self.progress.setRange(0, 100)
+            self.progress.setValue(int(100 * done / max(total, 1)))
+            self.status.setText(f"rendering images: {done}/{total}")
+
+    def _done(self, result, spec, run_id) -> None:
+        if run_id != self._run_id:
+            return
+        try:
+            self.session.set_imagified(result, spec)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        self.notes.setText("\n".join(result.notes))
+        report_info(f"imagified {result.images.shape[0]} samples: {result.layout.describe()}")
+
+    def _failed(self, exc, run_id) -> None:
+        if run_id == self._run_id:
+            self.status.setText(f"failed: {exc}")
+            report_error(exc)
+
+    def _finished(self) -> None:
+        self.progress.setRange(0, 100)
+        self.progress.setValue(100)
+        self.run_button.setEnabled(self.session.adata is not None)
+        self.cancel_button.setEnabled(False)
+        if self.session.imageset is not None and not self.status.text().startswith("failed"):
+            self.status.setText(f"showing: {self.session.imageset.description}")
+
+    def _data_changed(self) -> None:
+        adata = self.session.adata
+        self.run_button.setEnabled(adata is not None and not self.task.running)
+        if self.session.layout_spec is not None:
+            self.set_layout_spec(self.session.layout_spec)
+
+    def _images_changed(self) -> None:
+        imageset = self.session.imageset
+        self.caption.setText(self.session.caption() if imageset is not None else "no images yet")
+        if imageset is not None and imageset.pixel_map is None:
+            self.notes.setText("these images have no gene map: hover, saliency genes and annotation need "
+                               "a gene layout (deepinsight, fotomics, rgb-layouts or grid)")

@@ -1,0 +1,247 @@
+"""Saliency widget: which pixels (genes) drove the model, per sample or per class."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget)
+
+from .._hover import SaliencyView
+from ..errors import OmicsInputError
+from ._common import (BackgroundTask, Relay, fill_table, group, make_table, progress_bar, report_error,
+                      report_info, wrapped_label)
+from ._state import get_session
+
+FOLLOW_SLIDER = "each sample (follows the slider)"
+COLUMNS = ["rank", "gene", "saliency", "expression", "channel", "row", "col"]
+#: images per saliency call: small enough to report progress and cancel often
+CHUNK = 32
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class SaliencyWidget(QWidget):
+    """Compute saliency for every loaded sample and list the most salient genes."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        from ..explain import SALIENCY_METHODS
+
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.task = BackgroundTask()
+        self._cancel = threading.Event()
+        self.table_frame = pd.DataFrame(columns=COLUMNS)
+
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(SALIENCY_METHODS))
+        self.method_combo.setToolTip("gradient: fastest; smoothgrad / integrated-gradients: less noisy; "
+                                     "gradcam: coarse regions")
+        form = QFormLayout()
+        form.addRow("method:", self.method_combo)
+        self.compute_button = QPushButton("Compute saliency")
+        self.compute_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self._cancel.set)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.compute_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = progress_bar()
+        self.status = wrapped_label("Needs a model: train one or load a checkpoint.")
+
+        self.target_combo = QComboBox()
+        self.target_combo.setToolTip("a class shows the mean saliency of its correctly predicted samples")
+        self.target_combo.currentTextChanged.connect(self._target_chosen)
+        target_form = QFormLayout()
+        target_form.addRow("show saliency of:", self.target_combo)
+        self.context = wrapped_label("")
+        self.table = make_table(COLUMNS)
+        self.table.setMinimumHeight(220)
+        self.table.itemSelectionChanged.connect(self._row_selected)
+        self.export_button = QPushButton("Export gene table (CSV)…")
+        self.export_button.clicked.connect(self._choose_export)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(group("Saliency", form))
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(group("Top genes (click one to mark its pixel)", target_form, self.context, self.table,
+                               self.export_button))
+
+        self._relay = Relay()
+        self._relay.event.connect(self._on_progress)
+        self.session.sample_changed.connect(lambda *_: self.update_table())
+        self.session.model_changed.connect(self._model_changed)
+        self.session.images_changed.connect(self._images_changed)
+        self._model_changed()
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> None:
+        from ..explain import saliency
+
+        try:
+            trained = self.session.require_model()
+            imageset = self.session.imageset
+            if imageset is None:
+                raise OmicsInputError("no images shown: train or load a model on the loaded data first.")
+            if imageset.pixel_map is None:
+                raise OmicsInputError("these images have no gene map (published RGB method): saliency cannot be "
+                                      "traced to genes. Use a gene layout (deepinsight, fotomics, rgb-layouts, grid).")
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        method = self.method_combo.currentText()
+        images = imageset.images
+        relay, cancel = self._relay, self._cancel
+
+        def work():
+            parts = []
+            for start in range(0, len(images), CHUNK):
+                if cancel.is_set():
+                    raise _Cancelled()
+                parts.append(np.asarray(saliency(trained.model, images[start:start + CHUNK], method)))
+                relay.event.emit((min(start + CHUNK, len(images)), len(images)))
+            return np.concatenate(parts).astype(np.float32)
+
+        self._cancel.clear()
+        self.progress.setValue(0)
+        self.status.setText(f"{method} saliency of {len(images)} samples…")
+        self.compute_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.task.start(work, on_done=lambda maps: self._done(maps, method, imageset),
+                        on_error=self._failed, on_finished=self._finished)
+
+    def _on_progress(self, value) -> None:
+        done, total = value
+        self.progress.setValue(int(100 * done / max(total, 1)))
+        self.status.setText(f"saliency: {done}/{total} samples")
+
+    def _done(self, maps: np.ndarray, method: str, imageset) -> None:
+        if imageset is not self.session.imageset:
+            self.status.setText("the images changed while computing; compute again")
+            return
+        view = SaliencyView(method=method, per_sample=maps, per_class=class_means(maps, imageset))
+        try:
+            self.session.set_saliency(view)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        self.status.setText(f"{method} saliency of {len(maps)} samples; class maps average the correctly "
+                            f"predicted samples of each class ({len(view.per_class)} classes)")
+        self._fill_targets()
+        report_info("saliency ready: hover the image to see genes and their saliency")
+
+    def _failed(self, exc) -> None:
+        if isinstance(exc, _Cancelled):
+            self.status.setText("cancelled; no saliency kept")
+            return
+        self.status.setText(f"failed: {exc}")
+        report_error(exc)
+
+    def _finished(self) -> None:
+        self.compute_button.setEnabled(self.session.trained is not None)
+        self.cancel_button.setEnabled(False)
+        if not self._cancel.is_set():
+            self.progress.setValue(100)
+
+    # ------------------------------------------------------------ display
+    def _model_changed(self) -> None:
+        self.compute_button.setEnabled(self.session.trained is not None and not self.task.running)
+        if self.session.trained is not None and not self.task.running:
+            self.status.setText(f"model: {self.session.trained.config.model}; choose a method and compute")
+        self._fill_targets()
+
+    def _images_changed(self) -> None:
+        self._fill_targets()
+        self.update_table()
+
+    def _fill_targets(self) -> None:
+        imageset = self.session.imageset
+        self.target_combo.blockSignals(True)
+        self.target_combo.clear()
+        self.target_combo.addItem(FOLLOW_SLIDER)
+        if imageset is not None and imageset.saliency is not None:
+            self.target_combo.addItems(sorted(imageset.saliency.per_class))
+            if imageset.saliency.target_class is not None:
+                self.target_combo.setCurrentText(imageset.saliency.target_class)
+        self.target_combo.blockSignals(False)
+        self.update_table()
+
+    def _target_chosen(self, text: str) -> None:
+        imageset = self.session.imageset
+        if imageset is None or imageset.saliency is None or not text:
+            return
+        try:
+            self.session.show_saliency(None if text == FOLLOW_SLIDER else text)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+        self.update_table()
+
+    def update_table(self) -> None:
+        from .._writer import image_gene_table
+
+        imageset = self.session.imageset
+        if imageset is None or imageset.saliency is None or imageset.pixel_map is None:
+            self.table_frame = pd.DataFrame(columns=COLUMNS)
+            self.table.setRowCount(0)
+            self.context.setText("")
+            return
+        frame = image_gene_table(imageset)
+        self.context.setText(f"{frame['shown'].iloc[0] if len(frame) else ''}: saliency relative to the most "
+                             "salient pixel; expression scaled 0–1")
+        self.table_frame = frame
+        fill_table(self.table, frame, COLUMNS, max_rows=200)
+
+    def _row_selected(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows or self.table_frame.empty:
+            return
+        record = self.table_frame.iloc[rows[0].row()]
+        self.session.highlight_pixel(int(record["row"]), int(record["col"]), str(record["gene"]))
+
+    def _choose_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export gene table", "saliency_genes.csv", "CSV (*.csv)")
+        if path:
+            self.export_csv(path)
+
+    def export_csv(self, path) -> Path | None:
+        if self.table_frame.empty:
+            report_error(OmicsInputError("no saliency gene table yet: compute saliency first."))
+            return None
+        path = Path(path)
+        self.table_frame.to_csv(path, index=False)
+        report_info(f"wrote {len(self.table_frame)} genes to {path.name}")
+        return path
+
+
+def class_means(maps: np.ndarray, imageset) -> dict[str, np.ndarray]:
+    """Mean saliency map of each class over its correctly predicted samples.
+
+    Without predictions every sample of the class counts; without labels, the
+    samples predicted as the class.  Classes with no such sample get no map.
+    """
+    labels = imageset.labels
+    predicted = None
+    if imageset.predictions is not None:
+        predicted = imageset.predictions.reindex(imageset.samples)["predicted"].astype(str).to_numpy()
+    if labels is None and predicted is None:
+        return {}
+    classes = sorted(set(labels if labels is not None else predicted))
+    out = {}
+    for name in classes:
+        if labels is not None and predicted is not None:
+            chosen = (labels == name) & (predicted == name)
+        elif labels is not None:
+            chosen = labels == name
+        else:
+            chosen = predicted == name
+        if chosen.any():
+            out[name] = maps[chosen].mean(axis=0)
+    return out
