@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .errors import OmicsInputError
 from .render import PixelMap
 
 #: Channel names shown for three-channel images (R, G, B order of the layouts).
@@ -161,12 +162,38 @@ class SaliencyView:
     """Saliency of the loaded samples and what the saliency layer currently shows."""
 
     method: str
-    #: ``(N, C, H, W)`` raw attributions of every loaded sample
+    #: ``(N, C, H, W)`` raw attributions of every loaded sample (target: the model's predicted class)
     per_sample: np.ndarray
-    #: class → ``(C, H, W)`` mean attribution over its correctly predicted samples
-    per_class: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the class each sample was explained for (the model's prediction)
+    predicted: np.ndarray | None = None
+    #: ``(N, G)`` exact gradient magnitude per gene through the renderer (tells apart genes sharing a pixel)
+    gene_gradients: np.ndarray | None = None
+    #: class → indices of the samples averaged into its map
+    class_members: dict[str, np.ndarray] = field(default_factory=dict)
+    #: how class members were chosen
+    grouping: str = ""
     #: ``None``: the layer follows the sample slider; else the class whose mean map is shown
     target_class: str | None = None
+
+    def __post_init__(self):
+        #: class → ``(C, H, W)`` mean attribution over its members
+        self.per_class = {name: self.per_sample[idx].mean(axis=0) for name, idx in self.class_members.items()
+                          if len(idx)}
+
+    @classmethod
+    def from_predictions(cls, method: str, per_sample: np.ndarray, predicted, labels=None,
+                         gene_gradients: np.ndarray | None = None) -> "SaliencyView":
+        """Group samples by class: correctly predicted ones when labels are known (the paper's
+        class-level maps), else those predicted as the class."""
+        predicted = np.asarray(predicted, dtype=object).astype(str)
+        if labels is not None:
+            labels = np.asarray(labels, dtype=object).astype(str)
+            members = {c: np.flatnonzero((labels == c) & (predicted == c)) for c in sorted(set(labels))}
+            grouping = "mean over the class's correctly predicted samples"
+        else:
+            members = {c: np.flatnonzero(predicted == c) for c in sorted(set(predicted))}
+            grouping = "mean over the samples predicted as the class (no labels)"
+        return cls(method, per_sample, predicted, gene_gradients, members, grouping)
 
 
 @dataclass
@@ -179,6 +206,7 @@ class ImageSet:
     expression: np.ndarray  # (N, G) preprocessed, in [0, 1]
     pixel_map: PixelMap | None  # None for layouts whose pixels are not genes
     description: str
+    layout: object = None  # the fitted layout (gene tables go through napari_omicsimage.explain)
     label_column: str | None = None
     predictions: pd.DataFrame | None = None  # index = sample ids; columns predicted, prob_<class>
     saliency: SaliencyView | None = None
@@ -209,6 +237,7 @@ class ImageSet:
             expression=np.asarray(result.expression, dtype=np.float32),
             pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
             description=layout.describe(),
+            layout=layout,
             label_column=label_column,
         )
 
@@ -285,6 +314,37 @@ class ImageSet:
         i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
         label = f" ({self.labels[i]})" if self.labels is not None else ""
         return self.saliency_for_sample(i), self.expression[i], f"sample {self.samples[i]}{label}"
+
+    def gene_table(self) -> pd.DataFrame:
+        """Every gene ranked by the saliency shown now (a sample, or a class mean).
+
+        Uses :func:`napari_omicsimage.explain.gene_table` (saliency at the
+        gene's pixel, best channel; ``gene_gradient`` separates genes sharing
+        a pixel) on the relative saliency.  Without saliency, genes are ranked
+        by expression.  The ``shown`` column says which sample or class.
+        """
+        if self.pixel_map is None:
+            raise OmicsInputError("these images have no gene map (published RGB method): no gene table.")
+        saliency, expression, context = self.context()
+        view = self.saliency
+        if saliency is None or self.layout is None:
+            table = pd.DataFrame({"gene": self.pixel_map.genes, "expression": expression})
+            table = table.sort_values("expression", ascending=False, kind="stable", ignore_index=True)
+            table.insert(0, "rank", np.arange(1, len(table) + 1))
+        else:
+            from .explain import gene_table
+
+            gradients = None
+            if view.gene_gradients is not None:
+                if view.target_class is not None:
+                    gradients = view.gene_gradients[view.class_members[view.target_class]].mean(axis=0)
+                else:
+                    gradients = view.gene_gradients[self.current_sample]
+            table = gene_table(self.layout, saliency, expression, gene_gradients=gradients)
+            names = np.asarray(self.channel_names, dtype=object)
+            table["channel"] = np.where(table["channel"] >= 0, names[np.maximum(table["channel"], 0)], "")
+        table.insert(0, "shown", context)
+        return table
 
     # --------------------------------------------------------------- hover
     def report(self, role: str, row: float, col: float, sample: int | None = None) -> PixelReport | None:

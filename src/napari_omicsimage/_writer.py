@@ -94,14 +94,8 @@ def write_labels_genes(path: str, data, meta: dict) -> list[str]:
 
 
 def image_gene_table(imageset) -> pd.DataFrame:
-    """Every gene of the images, ranked by the saliency shown (sample or class), with expression."""
-    if imageset.pixel_map is None:
-        raise OmicsInputError("these images have no gene map (published RGB method): no gene table to write.")
-    saliency, expression, context = imageset.context()
-    everywhere = {context: np.ones(imageset.shape, dtype=bool)}
-    table = region_gene_table(imageset.pixel_map, everywhere, saliency=saliency, expression=expression,
-                              channel_names=imageset.channel_names)
-    return table.rename(columns={"region": "shown"})
+    """Every gene of the images ranked by the saliency shown (sample or class), with expression."""
+    return imageset.gene_table()
 
 
 def write_image_genes(path: str, data, meta: dict) -> list[str]:

@@ -244,7 +244,7 @@ class OmicsSession:
             images=np.asarray(images, dtype=np.float32), samples=list(self.adata.obs_names), labels=labels,
             expression=np.asarray(x, dtype=np.float32),
             pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
-            description=layout.describe(), label_column=self.label_column,
+            description=layout.describe(), layout=layout, label_column=self.label_column,
             predictions=predictions if predictions is not None else self.predict())
         self.show_imageset(imageset)
 

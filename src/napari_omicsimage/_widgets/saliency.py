@@ -16,7 +16,7 @@ from ._common import (BackgroundTask, Relay, fill_table, group, make_table, prog
 from ._state import get_session
 
 FOLLOW_SLIDER = "each sample (follows the slider)"
-COLUMNS = ["rank", "gene", "saliency", "expression", "channel", "row", "col"]
+COLUMNS = ["rank", "gene", "saliency", "expression", "gene_gradient", "pixel_genes", "channel", "row", "col"]
 #: images per saliency call: small enough to report progress and cancel often
 CHUNK = 32
 
@@ -98,24 +98,38 @@ class SaliencyWidget(QWidget):
             report_error(exc)
             return
         method = self.method_combo.currentText()
-        images = imageset.images
+        images, layout = imageset.images, imageset.layout
+        classes = np.asarray(trained.classes, dtype=object)
         relay, cancel = self._relay, self._cancel
 
         def work():
-            parts = []
+            import torch
+
+            from ..explain import gene_gradient, saliency, signed_gradient
+
+            model = trained.model
+            model.eval()
+            device = next(model.parameters()).device
+            maps, gradients, predicted = [], [], []
             for start in range(0, len(images), CHUNK):
                 if cancel.is_set():
                     raise _Cancelled()
-                parts.append(np.asarray(saliency(trained.model, images[start:start + CHUNK], method)))
+                chunk = images[start:start + CHUNK]
+                with torch.no_grad():
+                    target = model(torch.as_tensor(chunk, device=device)).argmax(1).cpu().numpy()
+                # explain each sample for the class the model predicts (the paper's saliency)
+                maps.append(np.asarray(saliency(model, chunk, method, target=target), dtype=np.float32))
+                gradients.append(gene_gradient(layout, signed_gradient(model, chunk, target=target)))
+                predicted.append(classes[target])
                 relay.event.emit((min(start + CHUNK, len(images)), len(images)))
-            return np.concatenate(parts).astype(np.float32)
+            return np.concatenate(maps), np.concatenate(gradients), np.concatenate(predicted)
 
         self._cancel.clear()
         self.progress.setValue(0)
         self.status.setText(f"{method} saliency of {len(images)} samples…")
         self.compute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.task.start(work, on_done=lambda maps: self._done(maps, method, imageset),
+        self.task.start(work, on_done=lambda value: self._done(value, method, imageset),
                         on_error=self._failed, on_finished=self._finished)
 
     def _on_progress(self, value) -> None:
@@ -123,18 +137,19 @@ class SaliencyWidget(QWidget):
         self.progress.setValue(int(100 * done / max(total, 1)))
         self.status.setText(f"saliency: {done}/{total} samples")
 
-    def _done(self, maps: np.ndarray, method: str, imageset) -> None:
+    def _done(self, value, method: str, imageset) -> None:
+        maps, gradients, predicted = value
         if imageset is not self.session.imageset:
             self.status.setText("the images changed while computing; compute again")
             return
-        view = SaliencyView(method=method, per_sample=maps, per_class=class_means(maps, imageset))
+        view = SaliencyView.from_predictions(method, maps, predicted, imageset.labels, gradients)
         try:
             self.session.set_saliency(view)
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return
-        self.status.setText(f"{method} saliency of {len(maps)} samples; class maps average the correctly "
-                            f"predicted samples of each class ({len(view.per_class)} classes)")
+        self.status.setText(f"{method} saliency of {len(maps)} samples (each for its predicted class); "
+                            f"class maps: {view.grouping} ({len(view.per_class)} classes)")
         self._fill_targets()
         report_info("saliency ready: hover the image to see genes and their saliency")
 
@@ -185,15 +200,13 @@ class SaliencyWidget(QWidget):
         self.update_table()
 
     def update_table(self) -> None:
-        from .._writer import image_gene_table
-
         imageset = self.session.imageset
         if imageset is None or imageset.saliency is None or imageset.pixel_map is None:
             self.table_frame = pd.DataFrame(columns=COLUMNS)
             self.table.setRowCount(0)
             self.context.setText("")
             return
-        frame = image_gene_table(imageset)
+        frame = imageset.gene_table()
         self.context.setText(f"{frame['shown'].iloc[0] if len(frame) else ''}: saliency relative to the most "
                              "salient pixel; expression scaled 0–1")
         self.table_frame = frame
@@ -220,28 +233,3 @@ class SaliencyWidget(QWidget):
         report_info(f"wrote {len(self.table_frame)} genes to {path.name}")
         return path
 
-
-def class_means(maps: np.ndarray, imageset) -> dict[str, np.ndarray]:
-    """Mean saliency map of each class over its correctly predicted samples.
-
-    Without predictions every sample of the class counts; without labels, the
-    samples predicted as the class.  Classes with no such sample get no map.
-    """
-    labels = imageset.labels
-    predicted = None
-    if imageset.predictions is not None:
-        predicted = imageset.predictions.reindex(imageset.samples)["predicted"].astype(str).to_numpy()
-    if labels is None and predicted is None:
-        return {}
-    classes = sorted(set(labels if labels is not None else predicted))
-    out = {}
-    for name in classes:
-        if labels is not None and predicted is not None:
-            chosen = (labels == name) & (predicted == name)
-        elif labels is not None:
-            chosen = labels == name
-        else:
-            chosen = predicted == name
-        if chosen.any():
-            out[name] = maps[chosen].mean(axis=0)
-    return out
