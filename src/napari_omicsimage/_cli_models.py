@@ -1,5 +1,331 @@
-"""CLI commands for models: evaluate, train, predict, explain (issue: models)."""
+"""CLI commands for models: ``evaluate``, ``train``, ``predict``, ``explain``.
+
+They follow ``omicsimage render``: the same input and layout options, a
+one-line error (exit 2) for bad input, and no existing output replaced
+without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import OmicsInputError
 
 
+# ------------------------------------------------------------------ options
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    from .models import MODEL_NAMES
+
+    parser.add_argument("--model", choices=MODEL_NAMES, default="small",
+                        help="network (default small: a CNN that trains fast on a CPU)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5, the paper's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--weights", default=None, metavar="imagenet|FILE",
+                        help="start from ImageNet weights (downloaded, or a local torchvision .pth file); "
+                             "default: random initialisation")
+    parser.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false",
+                        help="train in float32 on GPUs too")
+
+
+def _add_predict_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """INPUT and how to read it; preprocessing comes from the checkpoint."""
+    parser.add_argument("input", metavar="INPUT", help="expression file, as for `omicsimage render`")
+    parser.add_argument("--labels", metavar="FILE", help="optional table of true labels (to score predictions)")
+    parser.add_argument("--label-column", metavar="COL", help="column holding the true labels")
+    parser.add_argument("--sample-column", metavar="COL", help="sample-id column of --labels (default: first)")
+    orient = parser.add_mutually_exclusive_group()
+    orient.add_argument("--genes-in-rows", action="store_const", dest="orientation", const="genes-in-rows")
+    orient.add_argument("--samples-in-rows", action="store_const", dest="orientation", const="samples-in-rows")
+    parser.set_defaults(orientation="auto")
+    parser.add_argument("--max-missing", type=float, default=None, metavar="FRACTION",
+                        help="refuse when more than this share of the model's genes is missing (default 0.2)")
+
+
+def _train_config(args):
+    from .cli import preprocess_config
+    from .training import TrainConfig
+
+    return TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       seed=args.seed, device=args.device, weights=args.weights,
+                       mixed_precision=args.mixed_precision, preprocess=preprocess_config(args)).validate()
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OmicsInputError(f"{path} already exists; choose another --out or pass --overwrite.")
+
+
+def _max_missing(args) -> dict:
+    if args.max_missing is None:
+        return {}
+    if not 0 <= args.max_missing <= 1:
+        raise OmicsInputError("--max-missing is a fraction between 0 and 1.")
+    return {"max_missing_fraction": args.max_missing}
+
+
+class _ConsoleProgress:
+    """One line per epoch (with -v) and per fold on stderr."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+
+    def __call__(self, event):
+        if event.stage == "fold" or (event.stage == "epoch" and self.verbose):
+            print(event.describe(), file=sys.stderr, flush=True)
+        return None
+
+
+# ------------------------------------------------------------------ commands
+def cmd_evaluate(args) -> int:
+    from .cli import layout_spec, load_input
+    from .evaluation import cross_validate, write_report
+    from .reports import metrics_table
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    if args.compare_model is not None and args.compare_model == args.model:
+        raise OmicsInputError("--compare-model must differ from --model.")
+    config = _train_config(args)
+    adata, label_column = load_input(args)
+    spec = layout_spec(args)
+    progress = _ConsoleProgress(args.verbose)
+    started = time.perf_counter()
+    result = cross_validate(adata, label_column, spec, config, folds=args.folds,
+                            transductive=args.transductive, progress=progress)
+    if args.compare_model is not None:
+        from dataclasses import replace
+
+        print(f"cross-validating {args.compare_model} on the same folds for the Wilcoxon test", file=sys.stderr)
+        other = cross_validate(adata, label_column, spec, replace(config, model=args.compare_model),
+                               folds=args.folds, transductive=args.transductive, progress=progress,
+                               baseline=False)
+        result.compare(other)
+    elapsed = time.perf_counter() - started
+    result.metrics["seconds"] = round(elapsed, 1)
+    write_report(result, out, overwrite=args.overwrite)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(metrics_table(result))
+    if args.compare_model is not None:
+        other_mean = result.metrics["compare_model"]["mean"]
+        print(f"{args.compare_model}: mean accuracy {other_mean['accuracy']:.3f}, "
+              f"f1 {other_mean['f1_macro']:.3f}")
+    print(f"{elapsed:.1f} s; wrote metrics.json, metrics.csv, predictions.csv and plots to {out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import save_checkpoint
+    from .cli import layout_spec, load_input
+    from .training import train
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    if out.is_dir():
+        raise OmicsInputError(f"{out} is a folder; --out names the model file, e.g. {out / 'model.pt'}.")
+    config = _train_config(args)
+    adata, label_column = load_input(args)
+    spec = layout_spec(args)
+    if spec["method"] == "rgb-embedding":
+        raise OmicsInputError(
+            "models on the published RGB method (rgb-embedding) cannot be saved: its fitted t-SNE/UMAP "
+            "reducers are not storable as plain arrays. Evaluate it with `omicsimage evaluate`, or train "
+            "on a gene layout (deepinsight, fotomics, rgb-layouts, grid)."
+        )
+    progress = _ConsoleProgress(True)
+    trained = train(adata, label_column, spec, config, progress=progress)
+    save_checkpoint(trained, out)
+    last = trained.history[-1] if trained.history else None
+    print(f"trained {config.model} on {adata.n_obs} samples × {len(trained.genes)} genes, "
+          f"{trained.layout.describe()}, classes {trained.classes}")
+    if last is not None:
+        print(f"final epoch {last['epoch']}: loss {last['loss']:.4f}, training accuracy {last['train_accuracy']:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _report_missing(trained) -> None:
+    missing = getattr(trained, "missing_genes_", [])
+    if missing:
+        print(f"{len(missing)} of the model's {len(trained.genes)} genes are missing from the input and were "
+              f"filled with their training mean, e.g. {missing[:5]}", file=sys.stderr)
+
+
+def cmd_predict(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .cli import load_input
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    trained = load_checkpoint(args.model_file, device=args.device)
+    adata, label_column = load_input(args, require_labels=False)
+    frame = trained.predict(adata, **_max_missing(args))
+    _report_missing(trained)
+    if label_column is not None:
+        truth = adata.obs[label_column].astype(str).to_numpy()
+        frame.insert(1, "true", truth)
+        print(f"accuracy on the {len(frame)} labelled samples: {(frame['predicted'] == truth).mean():.3f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    counts = frame["predicted"].value_counts().to_dict()
+    print(f"predicted {len(frame)} samples: {counts}; wrote {out}")
+    return 0
+
+
+def _file_stem(name: str, taken: set) -> str:
+    """A file-name-safe, unique version of a class name."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "class"
+    candidate, n = stem, 2
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def cmd_explain(args) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+
+    from .checkpoint import load_checkpoint
+    from .cli import load_input
+    from .explain import _NO_GENE_MAP, explain
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    if args.top_genes < 1:
+        raise OmicsInputError("--top-genes must be at least 1.")
+    trained = load_checkpoint(args.model_file, device=args.device)
+    if not trained.layout.has_gene_map:
+        raise OmicsInputError(_NO_GENE_MAP)
+    adata, label_column = load_input(args, require_labels=False)
+    trained.prepare(adata, **_max_missing(args))  # refuse early when too many genes are missing
+    result = explain(trained, adata, args.method, label_column)
+    _report_missing(trained)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        np.save(tmp / "saliency.npy", result.saliency.astype(np.float32))
+        np.save(tmp / "saliency_max.npy", result.saliency.max(axis=1).astype(np.float32))
+        samples = pd.DataFrame({"sample": result.samples})
+        if result.true is not None:
+            samples["true"] = result.true
+        samples["predicted"] = result.predicted
+        for k, name in enumerate(result.classes):
+            samples[f"prob_{name}"] = result.proba[:, k]
+        samples.to_csv(tmp / "samples.csv", index=False)
+        top = []
+        for i, sample in enumerate(result.samples):
+            table = result.sample_table(trained.layout, i).head(args.top_genes)
+            table.insert(0, "sample", sample)
+            table.insert(1, "predicted", result.predicted[i])
+            top.append(table)
+        pd.concat(top, ignore_index=True).to_csv(tmp / "sample_top_genes.csv", index=False)
+        files, taken, class_maps = {}, set(), []
+        for name in result.class_members:
+            stem = _file_stem(name, taken)
+            result.class_table(trained.layout, name).to_csv(tmp / f"genes_{stem}.csv", index=False)
+            files[name] = f"genes_{stem}.csv"
+            class_maps.append(result.class_saliency(name))
+        if class_maps:
+            np.save(tmp / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
+        summary = {"method": args.method, "grouping": result.grouping,
+                   "classes": [{"class": name, "n_samples": int(len(result.class_members[name])),
+                                "gene_table": files[name], "class_saliency_index": i}
+                               for i, name in enumerate(result.class_members)],
+                   "classes_without_samples": [c for c in result.classes if c not in result.class_members],
+                   "n_missing_genes": len(getattr(trained, "missing_genes_", [])),
+                   "saliency_shape": list(result.saliency.shape), "layout": trained.layout.describe(),
+                   "files": {"saliency.npy": "per-sample attribution (N, C, H, W), target = predicted class",
+                             "saliency_max.npy": "the paper's map M: maximum over channels (N, H, W)",
+                             "class_saliency.npy": "per-class mean attribution (classes as listed, C, H, W)",
+                             "samples.csv": "predictions per sample",
+                             "sample_top_genes.csv": f"top {args.top_genes} genes per sample",
+                             "genes_<class>.csv": "all genes ranked per class"}}
+        (tmp / "explain.json").write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{args.method} saliency of {len(result.samples)} samples ({result.grouping})")
+    for name, members in result.class_members.items():
+        table = result.class_table(trained.layout, name)
+        print(f"  {name} ({len(members)} samples): top genes {', '.join(table['gene'].head(5))}")
+    missing_classes = [c for c in result.classes if c not in result.class_members]
+    if missing_classes:
+        print(f"  no samples for {missing_classes}: no table for them")
+    print(f"wrote gene tables, saliency maps and explain.json to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- register
 def register(sub) -> None:
     """Add the model commands to the ``omicsimage`` parser."""
+    from .cli import add_input_arguments, add_layout_arguments
+    from .explain import SALIENCY_METHODS
+
+    evaluate = sub.add_parser(
+        "evaluate", help="stratified k-fold cross-validation of a CNN on the images, with a baseline",
+        description="Cross-validate a CNN (the seed paper's protocol by default: 5 folds, 5 epochs, batch 32, "
+                    "Adam, lr 1e-4). Preprocessing and layout are fitted on each training fold only unless "
+                    "--transductive.")
+    add_input_arguments(evaluate)
+    add_layout_arguments(evaluate)
+    _add_training_arguments(evaluate)
+    evaluate.add_argument("--folds", type=int, default=5, help="number of stratified folds (default 5)")
+    evaluate.add_argument("--transductive", action="store_true",
+                          help="fit preprocessing and layout on ALL samples (the paper's set-up; optimistic)")
+    evaluate.add_argument("--compare-model", choices=[m for m in _model_names()], default=None,
+                          help="also cross-validate this model on the same folds and run a Wilcoxon test")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="report folder")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    train = sub.add_parser("train", help="train a CNN on all samples and save it as one checkpoint file")
+    add_input_arguments(train)
+    add_layout_arguments(train)
+    _add_training_arguments(train)
+    train.add_argument("--out", required=True, metavar="MODEL_FILE", help="checkpoint file to write (.pt)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="predict classes of new samples with a saved model")
+    predict.add_argument("model_file", metavar="MODEL_FILE", help="checkpoint written by `omicsimage train`")
+    _add_predict_input_arguments(predict)
+    predict.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    predict.add_argument("--out", required=True, metavar="CSV", help="predictions table to write")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.set_defaults(func=cmd_predict)
+
+    explain = sub.add_parser("explain", help="saliency maps and ranked gene tables per class")
+    explain.add_argument("model_file", metavar="MODEL_FILE", help="checkpoint written by `omicsimage train`")
+    _add_predict_input_arguments(explain)
+    explain.add_argument("--method", choices=SALIENCY_METHODS, default="gradient",
+                         help="attribution method (default gradient: the paper's vanilla saliency)")
+    explain.add_argument("--top-genes", type=int, default=50,
+                         help="genes per sample in sample_top_genes.csv (default 50)")
+    explain.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    explain.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    explain.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    explain.set_defaults(func=cmd_explain)
+
+
+def _model_names():
+    from .models import MODEL_NAMES
+
+    return MODEL_NAMES

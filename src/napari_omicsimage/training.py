@@ -1,0 +1,425 @@
+"""Training a CNN on expression images rendered on the fly.
+
+No image ever touches the disk: the preprocessed expression matrix sits on the
+training device and each batch is rendered there by the fitted layout
+(``layout.transform(x_batch, device=device)``, a sparse matrix product), then
+fed to the network.  Layouts without a renderer (the published RGB
+embedding) use their fitted training images instead.
+
+A progress callback ``fn(event: ProgressEvent) -> bool | None`` hears about
+every batch and epoch; returning ``True`` asks to cancel.  A cancelled run
+stops at the next batch, keeps the weights of the last *finished* epoch and
+says so in ``TrainedModel.cancelled``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .errors import OmicsInputError
+from .io import check_labels
+from .layouts import Layout, make_layout
+from .models import MAX_MISSING_FRACTION, align_genes, build_model, resolve_device
+from .preprocess import PreprocessConfig, Preprocessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Training options; the defaults are the seed paper's protocol (Adam, lr 1e-4, batch 32, 5 epochs)."""
+
+    model: str = "small"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    #: None (random initialisation), "imagenet" or the path of a local weights file
+    weights: str | None = None
+    #: automatic mixed precision (float16) — used on CUDA only, ignored elsewhere
+    mixed_precision: bool = True
+    #: re-estimate BatchNorm statistics on the training samples after training (see fit_network)
+    recalibrate_batchnorm: bool = True
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def validate(self) -> "TrainConfig":
+        from .models import MODEL_NAMES
+
+        if self.model not in MODEL_NAMES:
+            raise OmicsInputError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}.")
+        if int(self.epochs) < 1:
+            raise OmicsInputError(f"epochs must be at least 1, got {self.epochs}.")
+        if int(self.batch_size) < 1:
+            raise OmicsInputError(f"batch size must be at least 1, got {self.batch_size}.")
+        if not float(self.lr) > 0:
+            raise OmicsInputError(f"learning rate must be positive, got {self.lr}.")
+        if isinstance(self.preprocess, dict):  # e.g. restored from a checkpoint
+            self.preprocess = PreprocessConfig(**self.preprocess)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
+        return cls(**values)
+
+
+@dataclass
+class ProgressEvent:
+    """What a progress callback hears.
+
+    ``stage`` is ``"batch"`` (after every optimiser step; ``loss`` is that
+    batch's), ``"epoch"`` (``loss`` is the epoch's mean training loss,
+    ``metrics`` holds ``train_accuracy``), ``"fold"`` (cross-validation: a fold
+    finished, ``metrics`` holds its test metrics) or ``"done"``.  Counters are
+    0-based; ``n_*`` are totals.
+    """
+
+    stage: str
+    fold: int | None = None
+    n_folds: int | None = None
+    epoch: int | None = None
+    n_epochs: int | None = None
+    batch: int | None = None
+    n_batches: int | None = None
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = []
+        if self.fold is not None:
+            parts.append(f"fold {self.fold + 1}/{self.n_folds}")
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch + 1}/{self.n_epochs}")
+        if self.batch is not None:
+            parts.append(f"batch {self.batch + 1}/{self.n_batches}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        parts += [f"{k} {v:.3f}" for k, v in self.metrics.items() if isinstance(v, (int, float))]
+        return f"{self.stage}: " + ", ".join(parts)
+
+
+Progress = Callable[[ProgressEvent], Any]
+
+
+def _wants_cancel(progress: Progress | None, event: ProgressEvent) -> bool:
+    return bool(progress is not None and progress(event) is True)
+
+
+# ================================================================ image feed
+class ImageBatches:
+    """Batches of images for a network, rendered on ``device`` when the layout can.
+
+    Gene layouts render each batch from the preprocessed matrix kept on the
+    device.  Layouts without a renderer (the published RGB embedding) take
+    precomputed ``images`` instead.
+    """
+
+    def __init__(self, device, *, layout: Layout | None = None, x: np.ndarray | None = None,
+                 images: np.ndarray | None = None):
+        import torch
+
+        self.device = device
+        if images is not None:
+            self.layout = None
+            self.data = torch.as_tensor(np.asarray(images, dtype=np.float32), device=device)
+        else:
+            if layout is None or x is None or not layout.has_gene_map:
+                raise ValueError("ImageBatches needs a gene layout and a matrix, or images")
+            self.layout = layout
+            self.data = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def get(self, index):
+        rows = self.data[index]
+        if self.layout is None:
+            return rows
+        return self.layout.transform(rows, device=self.device)
+
+
+def _autocast(device, enabled: bool):
+    import contextlib
+
+    import torch
+
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def predict_proba(model, batches: ImageBatches, *, batch_size: int = 64, mixed_precision: bool = True
+                  ) -> np.ndarray:
+    """Class probabilities ``(N, n_classes)`` of every image in ``batches``."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(batches), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(batches)), device=batches.device)
+            with _autocast(batches.device, mixed_precision):
+                logits = model(batches.get(index))
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out).astype(np.float64)
+
+
+def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels: int,
+                config: TrainConfig, *, progress: Progress | None = None, fold: int | None = None,
+                n_folds: int | None = None):
+    """Train a fresh network; returns ``(model, history, cancelled)``.
+
+    ``history`` holds one dict per finished epoch (``epoch``, ``loss``,
+    ``train_accuracy``, ``batch_losses``).  The seed fixes the initial
+    weights, the shuffling and dropout, so equal inputs give equal runs.
+    """
+    import torch
+
+    device = batches.device
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, n_channels, n_classes, weights=config.weights).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=float(config.lr))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    use_amp = bool(config.mixed_precision and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    targets = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
+    shuffler = torch.Generator().manual_seed(int(config.seed))
+    n = len(batches)
+    batch_size = int(config.batch_size)
+    n_batches = max(1, -(-n // batch_size))
+    history: list[dict] = []
+    finished_state = copy.deepcopy(model.state_dict())
+    cancelled = False
+
+    for epoch in range(int(config.epochs)):
+        model.train()
+        order = torch.randperm(n, generator=shuffler).to(device)
+        batch_losses, correct, seen = [], 0, 0
+        for b in range(n_batches):
+            index = order[b * batch_size:(b + 1) * batch_size]
+            if len(index) == 1 and n > 1:
+                # BatchNorm cannot train on one sample; fold the straggler into training next epoch
+                continue
+            optimiser.zero_grad(set_to_none=True)
+            with _autocast(device, use_amp):
+                logits = model(batches.get(index))
+                loss = loss_fn(logits.float(), targets[index])
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+            else:
+                loss.backward()
+                optimiser.step()
+            batch_loss = float(loss.detach())
+            batch_losses.append((batch_loss, len(index)))
+            correct += int((logits.detach().argmax(1) == targets[index]).sum())
+            seen += len(index)
+            event = ProgressEvent("batch", fold, n_folds, epoch, int(config.epochs), b, n_batches,
+                                  batch_loss, {"accuracy": float((logits.argmax(1) == targets[index])
+                                                                 .float().mean())})
+            if _wants_cancel(progress, event):
+                cancelled = True
+                break
+        if cancelled:
+            break
+        weights = np.array([w for _, w in batch_losses], dtype=float)
+        epoch_loss = float(np.average([v for v, _ in batch_losses], weights=weights))
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "train_accuracy": correct / max(seen, 1),
+                  "batch_losses": [v for v, _ in batch_losses]}
+        history.append(record)
+        finished_state = copy.deepcopy(model.state_dict())
+        event = ProgressEvent("epoch", fold, n_folds, epoch, int(config.epochs), None, None, epoch_loss,
+                              {"train_accuracy": record["train_accuracy"]})
+        if _wants_cancel(progress, event):
+            cancelled = True
+            break
+    if cancelled:
+        # keep what was finished: the weights at the end of the last complete epoch
+        model.load_state_dict(finished_state)
+    if config.recalibrate_batchnorm and history:
+        recalibrate_batchnorm(model, batches, batch_size=batch_size, mixed_precision=use_amp)
+    model.eval()
+    return model, history, cancelled
+
+
+def recalibrate_batchnorm(model, batches: ImageBatches, *, batch_size: int = 32, mixed_precision: bool = False
+                          ) -> None:
+    """Set BatchNorm running statistics to their exact averages over the training images.
+
+    BatchNorm layers predict with running averages updated with momentum 0.1
+    at every step.  The paper's protocol on a small data set gives only a
+    handful of steps (50 samples, batch 32, 5 epochs: 10 steps), after which
+    the averages still hold a third of their initial values (0.9¹⁰ ≈ 0.35):
+    predictions then collapse onto one class even when the network ranks
+    samples well.  One extra forward pass over the training images, with
+    weights untouched (as torch.optim.swa_utils.update_bn does), removes that
+    artefact.  Only BatchNorm layers are put in training mode, so dropout and
+    stochastic depth stay off.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {m: m.momentum for m in norms}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches of the pass
+        m.train()
+    # equal-sized chunks: never a one-sample batch, on which BatchNorm cannot compute a variance
+    n_chunks = max(1, -(-len(batches) // max(int(batch_size), 1)))
+    with torch.no_grad():
+        for chunk in np.array_split(np.arange(len(batches)), n_chunks):
+            index = torch.as_tensor(chunk, device=batches.device)
+            with _autocast(batches.device, mixed_precision):
+                model(batches.get(index))
+    for m in norms:
+        m.momentum = momenta[m]
+    model.eval()
+
+
+# ============================================================== trained model
+@dataclass
+class TrainedModel:
+    """A trained network with everything needed to use it on new samples."""
+
+    model: Any
+    preprocessor: Preprocessor
+    layout: Layout
+    classes: list[str]
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    cancelled: bool = False
+    label_column: str | None = None
+    layout_spec: dict = field(default_factory=dict)
+    #: per-gene mean of the preprocessed training matrix, used for genes missing at prediction
+    fill_values: np.ndarray | None = None
+    #: package versions at training time (filled by checkpoints)
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def genes(self) -> np.ndarray:
+        return self.preprocessor.genes_
+
+    @property
+    def device(self):
+        import torch
+
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:  # pragma: no cover - every model here has parameters
+            return torch.device("cpu")
+
+    def prepare(self, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION):
+        """``(x, images)`` for new samples: genes aligned by name, preprocessed, rendered.
+
+        Genes the model needs but ``adata`` lacks are filled with their mean
+        preprocessed training value (a neutral value: the network sees the
+        average sample there).  How many were missing is kept in
+        :attr:`missing_genes_`; past ``max_missing_fraction`` this refuses.
+        """
+        aligned, missing = align_genes(adata, self.genes, max_missing_fraction=max_missing_fraction)
+        self.missing_genes_ = missing
+        if missing:
+            log.warning("%d of %d model genes missing from the input; filled with training means",
+                        len(missing), len(self.genes))
+        x = self.preprocessor.transform(aligned)
+        if missing:
+            columns = pd.Index(self.genes).get_indexer(missing)
+            fill = self.fill_values if self.fill_values is not None else np.zeros(len(self.genes), np.float32)
+            x[:, columns] = fill[columns]
+        images = self.layout.transform(x)
+        return x, np.asarray(images, dtype=np.float32)
+
+    def predict_proba(self, adata: ad.AnnData, **options) -> np.ndarray:
+        _, images = self.prepare(adata, **options)
+        batches = ImageBatches(self.device, images=images)
+        return predict_proba(self.model, batches, batch_size=max(int(self.config.batch_size), 1),
+                             mixed_precision=self.config.mixed_precision)
+
+    def predict(self, adata: ad.AnnData, **options) -> pd.DataFrame:
+        """One row per sample: ``sample``, ``predicted`` and ``prob_<class>`` per class.
+
+        ``frame.attrs["n_missing_genes"]`` says how many model genes the input lacked.
+        """
+        proba = self.predict_proba(adata, **options)
+        frame = pd.DataFrame({"sample": np.asarray(adata.obs_names, dtype=str),
+                              "predicted": np.asarray(self.classes, dtype=object)[proba.argmax(1)]})
+        for k, name in enumerate(self.classes):
+            frame[f"prob_{name}"] = proba[:, k]
+        frame.attrs["n_missing_genes"] = len(self.missing_genes_)
+        return frame
+
+
+def class_indices(labels, classes: list[str]) -> np.ndarray:
+    """Integer class codes of ``labels`` in the order of ``classes``."""
+    labels = np.asarray(labels, dtype=str)
+    codes = pd.Index(classes).get_indexer(labels)
+    if (codes < 0).any():
+        unknown = sorted(set(labels[codes < 0]))
+        raise OmicsInputError(f"labels {unknown[:5]} are not among the model's classes {classes}.")
+    return codes
+
+
+def fit_layout(layout_spec: dict, x: np.ndarray, genes) -> tuple[Layout, np.ndarray | None]:
+    """Fit a layout on training rows; returns it and, for layouts without a
+    renderer, their training images (``None`` for gene layouts)."""
+    spec = dict(layout_spec or {})
+    if "method" not in spec:
+        raise OmicsInputError("the layout specification needs a 'method', e.g. {'method': 'deepinsight'}.")
+    method, size = spec.pop("method"), spec.pop("size", None)
+    layout = make_layout(method, size=size, **spec)
+    if layout.has_gene_map:
+        layout.fit(x, genes)
+        return layout, None
+    return layout, np.asarray(layout.fit_transform(x, genes), dtype=np.float32)
+
+
+def train(adata: ad.AnnData, label_column: str, layout_spec: dict, config: TrainConfig | None = None,
+          progress: Progress | None = None) -> TrainedModel:
+    """Preprocess, fit the layout and train a network on all samples of ``adata``.
+
+    ``layout_spec`` is ``{"method": ..., "size": ..., **layout params}`` (what
+    ``cli.layout_spec`` builds).  For an honest estimate of how well this
+    generalises use :func:`napari_omicsimage.evaluation.cross_validate`.
+    """
+    config = (config or TrainConfig()).validate()
+    check_labels(adata, label_column)
+    device = resolve_device(config.device)
+    labels = adata.obs[label_column].astype(str).to_numpy()
+    classes = sorted(set(labels))
+    y = class_indices(labels, classes)
+
+    preprocessor = Preprocessor(config.preprocess).fit(adata)
+    x = preprocessor.transform(adata)
+    layout, train_images = fit_layout(layout_spec, x, preprocessor.genes_)
+    batches = (ImageBatches(device, layout=layout, x=x) if train_images is None
+               else ImageBatches(device, images=train_images))
+    model, history, cancelled = fit_network(batches, y, len(classes), layout.n_channels, config,
+                                            progress=progress)
+    trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes,
+                           config=config, history=history, cancelled=cancelled, label_column=label_column,
+                           layout_spec=dict(layout_spec), fill_values=x.mean(axis=0).astype(np.float32))
+    if progress is not None:
+        progress(ProgressEvent("done", epoch=len(history) - 1 if history else None,
+                               n_epochs=int(config.epochs),
+                               loss=history[-1]["loss"] if history else None,
+                               metrics={"cancelled": float(cancelled)}))
+    return trained
