@@ -107,7 +107,7 @@ def table_column(table: QTableWidget, name: str) -> list[str]:
 
 def progress_bar() -> QProgressBar:
     bar = QProgressBar()
-    bar.setRange(0, 100)
+    bar.setRange(0, 1000)  # per mille, so long runs visibly move from the first epoch
     bar.setValue(0)
     bar.setTextVisible(True)
     return bar

@@ -66,7 +66,11 @@ def mosaic_transform(imageset: ImageSet) -> tuple[tuple[float, float], tuple[flo
 
 
 def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tuple]:
-    """Layer data tuples ``(data, kwargs, type)`` for the images of ``imageset``, bottom first."""
+    """Layer data tuples ``(data, kwargs, type)`` for the images of ``imageset``, bottom first.
+
+    ``payload`` (reader, sample data) rides on the first layer: the session
+    adopts the data when that layer is inserted.
+    """
     layers: list[tuple] = []
     rgb = imageset.n_channels == 3
     contrast = image_contrast(imageset.images)
@@ -90,16 +94,16 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
                 "contrast_limits": [0.0, float(max(1, density.max()))], "opacity": 0.8,
                 "metadata": _meta("density", imageset, channel=c)}, "image"))
 
-    meta = _meta("images", imageset)
-    if payload is not None:
-        meta[META_KEY]["payload"] = payload
     layers.append((imageset.display_images(), {
-        "name": "expression images", "rgb": rgb, "metadata": meta, **colour}, "image"))
+        "name": "expression images", "rgb": rgb, "metadata": _meta("images", imageset), **colour}, "image"))
 
     if imageset.pixel_map is not None:
         labels, features = pixel_labels(imageset)
         layers.append((labels, {"name": "gene pixels", "features": features, "opacity": 0.0,
                                 "metadata": _meta("pixel-genes", imageset)}, "labels"))
+    if payload is not None:
+        # on the first layer, so the session takes the data over before the others arrive
+        layers[0][1]["metadata"][META_KEY]["payload"] = payload
     return layers
 
 

@@ -11,6 +11,7 @@ garbage-collected) and is itself kept in a per-viewer weak registry.
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class OmicsSession:
         self.trained = None
         self.training_result = None
         self._last_hover_key = None
+        self._finish_adoption_pending = False
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         viewer.dims.events.current_step.connect(self._on_step)
         viewer.cursor.events.position.connect(self._on_cursor)
@@ -378,8 +380,11 @@ class OmicsSession:
         if role in HOVER_ROLES:
             install_gene_status(layer, self)
         payload = layer.metadata[L.META_KEY].get("payload")
-        if role == "images" and isinstance(payload, DataPayload) and L.imageset_of(layer) is not self.imageset:
+        if isinstance(payload, DataPayload) and L.imageset_of(layer) is not self.imageset:
             self._adopt(layer, payload)
+        if role == "images" and self._finish_adoption_pending and L.imageset_of(layer) is self.imageset:
+            self._finish_adoption_pending = False
+            self._after_images_shown()
 
     def _adopt(self, layer, payload: DataPayload) -> None:
         """Take over data brought by the reader or sample data (their layers are already added)."""
@@ -395,8 +400,13 @@ class OmicsSession:
         self.layout_spec = dict(payload.layout_spec)
         self.imageset = new
         layer.metadata[L.META_KEY].pop("payload", None)  # do not keep the AnnData alive twice
+        # napari renamed the layer ("class means [1]") while the old one was still there
+        base = re.sub(r" \[\d+\]$", "", layer.name)
+        if base != layer.name and base not in [other.name for other in self.viewer.layers]:
+            layer.name = base
         self.data_changed.emit()
-        self._after_images_shown()
+        # the other layers of the new data are still being inserted: finish once they are in
+        self._finish_adoption_pending = True
 
 
 class _Inserted:

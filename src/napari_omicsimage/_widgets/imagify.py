@@ -160,8 +160,8 @@ class ImagifyWidget(QWidget):
     def _on_progress(self, value) -> None:
         done, total = value
         if self.task.running:
-            self.progress.setRange(0, 100)
-            self.progress.setValue(int(100 * done / max(total, 1)))
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
             self.status.setText(f"rendering images: {done}/{total}")
 
     def _done(self, result, spec, run_id) -> None:
@@ -181,8 +181,8 @@ class ImagifyWidget(QWidget):
             report_error(exc)
 
     def _finished(self) -> None:
-        self.progress.setRange(0, 100)
-        self.progress.setValue(100)
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(self.progress.maximum())
         self.run_button.setEnabled(self.session.adata is not None)
         self.cancel_button.setEnabled(False)
         if self.session.imageset is not None and not self.status.text().startswith("failed"):

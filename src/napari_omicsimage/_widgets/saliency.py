@@ -134,7 +134,7 @@ class SaliencyWidget(QWidget):
 
     def _on_progress(self, value) -> None:
         done, total = value
-        self.progress.setValue(int(100 * done / max(total, 1)))
+        self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
         self.status.setText(f"saliency: {done}/{total} samples")
 
     def _done(self, value, method: str, imageset) -> None:
@@ -164,7 +164,7 @@ class SaliencyWidget(QWidget):
         self.compute_button.setEnabled(self.session.trained is not None)
         self.cancel_button.setEnabled(False)
         if not self._cancel.is_set():
-            self.progress.setValue(100)
+            self.progress.setValue(self.progress.maximum())
 
     # ------------------------------------------------------------ display
     def _model_changed(self) -> None:

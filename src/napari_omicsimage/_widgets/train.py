@@ -154,7 +154,10 @@ class TrainWidget(QWidget):
 
         def progress(phase):
             def callback(event):
-                relay.event.emit((phase, n_phases, event))
+                try:
+                    relay.event.emit((phase, n_phases, event))
+                except RuntimeError:  # the widget was closed (its Qt object deleted): stop training
+                    return True
                 return cancel.is_set()
             return callback
 
@@ -197,7 +200,7 @@ class TrainWidget(QWidget):
         if event.stage == "batch" and event.n_batches:
             index = (event.fold or 0) if phase == "cv" else n_phases - 1
             done = index * n_epochs * event.n_batches + event.epoch * event.n_batches + event.batch + 1
-            self.progress.setValue(int(100 * done / (n_phases * n_epochs * event.n_batches)))
+            self.progress.setValue(int(self.progress.maximum() * done / (n_phases * n_epochs * event.n_batches)))
             where = f"fold {event.fold + 1}/{event.n_folds}" if phase == "cv" else "final model (all samples)"
             self.status.setText(f"{where} · epoch {event.epoch + 1}/{n_epochs} · batch {event.batch + 1}/"
                                 f"{event.n_batches} · loss {event.loss:.3f}")
@@ -260,7 +263,7 @@ class TrainWidget(QWidget):
         self.train_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         if not self._cancel.is_set():
-            self.progress.setValue(100)
+            self.progress.setValue(self.progress.maximum())
 
     # ------------------------------------------------------------ figures
     def show_figures(self, trained, cv) -> None:

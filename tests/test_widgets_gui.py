@@ -1,0 +1,249 @@
+"""The real widgets, driven end to end in a napari viewer (Xvfb via pytest-xvfb).
+
+Synthetic data with known gene placement: 64 genes ``G00…G63`` on an 8×8
+grid in input order, so gene ``Gk`` sits at pixel ``divmod(k, 8)``; class B
+expresses ``G00…G07`` (the top row) higher than class A.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import napari_omicsimage._widgets  # noqa: F401  (keeps triton out before napari creates a GL context)
+from napari_omicsimage._widgets._common import table_column
+from napari_omicsimage._widgets._state import get_session
+from napari_omicsimage._widgets.annotate import AnnotateWidget
+from napari_omicsimage._widgets.data import DataWidget
+from napari_omicsimage._widgets.imagify import ImagifyWidget
+from napari_omicsimage._widgets.inspector import GeneInspectorWidget
+
+pytestmark = pytest.mark.gui
+
+GENES = [f"G{k:02d}" for k in range(64)]
+
+
+@pytest.fixture
+def h5ad_path(tmp_path):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 1, size=(60, 64)).astype(np.float32)
+    labels = np.array(["A", "B"] * 30)
+    x[labels == "B", :8] += 3.0
+    adata = ad.AnnData(X=x, obs=pd.DataFrame({"cell_type": pd.Categorical(labels)},
+                                             index=[f"cell{i:02d}" for i in range(60)]),
+                       var=pd.DataFrame(index=GENES))
+    path = tmp_path / "toy.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def wait(qtbot, task, timeout=60_000):
+    qtbot.waitUntil(lambda: not task.running, timeout=timeout)
+
+
+def imagified_viewer(make_napari_viewer, qtbot, h5ad_path):
+    """Viewer with the Data and Imagify widgets docked and the toy data shown on an 8×8 grid."""
+    viewer = make_napari_viewer()
+    data = DataWidget(viewer)
+    imagify = ImagifyWidget(viewer)
+    viewer.window.add_dock_widget(data, name="Data")
+    viewer.window.add_dock_widget(imagify, name="Imagify")
+    assert data.load_path(h5ad_path)
+    imagify.method_combo.setCurrentText("grid")
+    imagify.order_combo.setCurrentText("input")
+    imagify.size_spin.setValue(0)  # automatic: smallest square
+    imagify.run()
+    wait(qtbot, imagify.task)
+    return viewer, data, imagify
+
+
+def test_data_and_imagify_widgets_build_the_layers(make_napari_viewer, qtbot, h5ad_path):
+    viewer, data, imagify = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    session = get_session(viewer)
+    assert data.label_combo.currentText() == "cell_type"
+    assert table_column(data.class_table, "class") == ["A", "B"]
+    assert "60 samples × 64 genes" in data.summary.text()
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["class means", "class names", "gene density", "expression images", "gene pixels"]
+    images = session.layer("images")
+    assert images.data.shape == (60, 8, 8) and viewer.dims.axis_labels[0] == "sample"
+    # the class means mosaic shows class B's high top row
+    b_mean = session.imageset.class_images[1, 0]
+    assert b_mean[0].mean() > b_mean[1:].mean()
+    viewer.dims.set_current_step(0, 7)
+    assert "sample 8/60: cell07" in imagify.caption.text() and "cell_type: B" in imagify.caption.text()
+    assert viewer.canvas.overlays.text.text == imagify.caption.text()
+    assert imagify.status.text().startswith("showing: grid")
+
+
+def test_hover_names_the_known_genes_in_status_tooltip_and_inspector(make_napari_viewer, qtbot, h5ad_path):
+    viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    inspector = GeneInspectorWidget(viewer)
+    viewer.window.add_dock_widget(inspector, name="Gene inspector")
+    session = get_session(viewer)
+    images = session.layer("images")
+    viewer.dims.set_current_step(0, 3)
+    row, col = divmod(21, 8)  # G21
+    viewer.layers.selection.active = images
+    viewer.mouse_over_canvas = True
+    viewer.cursor.position = (3, row, col)
+    viewer.update_status_from_cursor()  # what napari's status thread computes
+    status = viewer.status
+    expression = session.imageset.expression[3, 21]
+    assert f"G21 {expression:.2f}" in status["coordinates"] and "cell03 (B)" in status["coordinates"]
+    assert viewer.tooltip.visible and "G21" in viewer.tooltip.text
+    assert inspector.report.genes == ["G21"] and table_column(inspector.table, "gene") == ["G21"]
+    # the Labels layer of pixel ids: napari's own features row and our text both name the gene
+    labels = session.layer("pixel-genes")
+    assert labels.features.set_index("index").loc[row * 8 + col + 1, "genes"] == "G21"
+    viewer.layers.selection.active = labels
+    viewer.update_status_from_cursor()
+    assert "G21" in viewer.status["coordinates"] and "G21" in viewer.tooltip.text
+    # the class-means mosaic names the same gene, with the class mean expression
+    mosaic = session.layer("class-means")
+    top, left = session.imageset.mosaic.origin(0)
+    world = mosaic.data_to_world((top + row, left + col))
+    viewer.layers.selection.active = mosaic
+    viewer.cursor.position = (3, *world)
+    viewer.update_status_from_cursor()
+    assert "G21" in viewer.status["coordinates"] and "mean of class A" in viewer.status["coordinates"]
+
+
+def test_annotated_region_lists_exactly_the_genes_inside(make_napari_viewer, qtbot, h5ad_path, tmp_path):
+    viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    annotate = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(annotate, name="Annotate")
+    layer = annotate.new_shapes_layer()
+    assert layer.ndim == 2 and annotate.layer_combo.currentText() == layer.name
+    layer.add_rectangles(np.array([[1.5, 2.5], [3.5, 5.5]]))  # pixel centres rows 2–3, cols 3–5
+    expected = {f"G{r * 8 + c:02d}" for r in (2, 3) for c in (3, 4, 5)}
+    assert set(table_column(annotate.table, "gene")) == expected
+    assert len(annotate.table_frame) == 6
+    layer.add_polygons([np.array([[5.4, -0.5], [7.5, -0.5], [7.5, 1.6]])])  # centres (6,0), (7,0), (7,1)
+    regions = annotate.table_frame.groupby("region")["gene"].apply(set).to_dict()
+    assert regions == {"region 1": expected, "region 2": {"G48", "G56", "G57"}}
+    exported = pd.read_csv(annotate.export_csv(tmp_path / "genes.csv"))
+    assert set(exported["gene"]) == expected | {"G48", "G56", "G57"}
+    # regions are saved and reloaded (the reader makes the same layer), with the same genes
+    saved = annotate.save(tmp_path / "regions.json")
+    (reloaded,) = annotate.load(saved)
+    annotate.layer_combo.setCurrentText(reloaded.name)
+    assert annotate.table_frame.groupby("region")["gene"].apply(set).to_dict() == regions
+    viewer.layers.remove(reloaded)
+    dropped = viewer.open(str(saved), plugin="napari-omicsimage")
+    assert dropped[0].nshapes == 2 and list(dropped[0].features["name"]) == ["region 1", "region 2"]
+    # painted regions: every label value is a region
+    painted = annotate.new_labels_layer()
+    painted.data[0, :2] = 4
+    painted.refresh()
+    annotate.update_table()
+    assert set(table_column(annotate.table, "gene")) == {"G00", "G01"}
+    assert set(annotate.table_frame["region"]) == {"label 4"}
+
+
+def test_dropped_file_and_sample_data_open_with_hover(make_napari_viewer, qtbot, h5ad_path):
+    viewer = make_napari_viewer()
+    data = DataWidget(viewer)
+    layers = viewer.open(str(h5ad_path), plugin="napari-omicsimage")
+    session = get_session(viewer)
+    assert session.adata is not None and session.adata.n_obs == 60
+    assert session.label_column == "cell_type" and data.label_combo.currentText() == "cell_type"
+    images = session.layer("images")
+    assert images in layers and images.data.shape == (60, 8, 8)
+    row, col = np.argwhere(session.imageset.pixel_map.density()[0] > 0)[0]
+    gene = session.imageset.pixel_map.gene_names_at(0, row, col)[0]
+    assert gene in images.get_status((0, row, col), world=True)["coordinates"]
+    sample_layers = viewer.open_sample("napari-omicsimage", "pbmc68k_reduced")
+    assert session.imageset.n_samples == 700 and session.label_column == "bulk_labels"
+    assert images not in viewer.layers  # the new data replaced the old layers
+    assert {layer.name for layer in sample_layers} >= {"expression images", "class means", "gene pixels"}
+    assert "700 samples" in data.summary.text()
+
+
+def test_training_runs_in_a_thread_and_cancels_cleanly(make_napari_viewer, qtbot, h5ad_path):
+    from napari_omicsimage._widgets.train import TrainWidget
+
+    viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train")
+    train.folds_spin.setValue(0)
+    train.epochs_spin.setValue(400)
+    train.batch_spin.setValue(8)
+    train.run()
+    try:
+        assert train.task.running and train.cancel_button.isEnabled()
+        # the event loop keeps running: per-epoch rows arrive while training goes on
+        qtbot.waitUntil(lambda: train.metrics_table.rowCount() >= 2, timeout=60_000)
+        assert train.task.running and 0 < train.progress.value() < train.progress.maximum()
+    finally:
+        train.cancel()
+        wait(qtbot, train.task)
+    trained, cv = train.result
+    assert cv is None and trained.cancelled
+    assert 2 <= len(trained.history) < 400
+    assert train.status.text() == "cancelled" and train.train_button.isEnabled()
+    assert get_session(viewer).trained is trained  # the finished epochs are kept and usable
+    assert train.figure_canvas is not None
+
+
+@pytest.mark.slow
+def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot, h5ad_path, tmp_path):
+    from napari_omicsimage._widgets.load_model import LoadModelWidget
+    from napari_omicsimage._widgets.saliency import FOLLOW_SLIDER, SaliencyWidget
+    from napari_omicsimage._widgets.train import TrainWidget
+
+    viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    session = get_session(viewer)
+    train = TrainWidget(viewer)
+    saliency = SaliencyWidget(viewer)
+    annotate = AnnotateWidget(viewer)
+    for widget, name in ((train, "Train"), (saliency, "Saliency"), (annotate, "Annotate")):
+        viewer.window.add_dock_widget(widget, name=name)
+    train.folds_spin.setValue(2)
+    train.epochs_spin.setValue(3)
+    train.batch_spin.setValue(8)
+    train.lr_spin.setValue(0.005)
+    train.run()
+    wait(qtbot, train.task, timeout=180_000)
+    trained, cv = train.result
+    assert cv.n_folds_finished == 2 and len(trained.history) == 3
+    phases = table_column(train.metrics_table, "phase")
+    assert phases.count("fold 1") == 3 and "fold 2 test" in phases and phases.count("final") == 3
+    assert "cross-validation (2 folds): accuracy" in train.summary.text()
+    # predictions shown beside each sample are the out-of-fold ones
+    assert session.imageset.predictions.index.tolist() == cv.predictions["sample"].tolist()
+    assert "predicted:" in viewer.canvas.overlays.text.text
+
+    checkpoint = train.save(tmp_path / "model.pt")
+    assert checkpoint is not None and (tmp_path / "model.pt").exists()
+    loader = LoadModelWidget(viewer)
+    viewer.window.add_dock_widget(loader, name="Load model")
+    assert loader.load(tmp_path / "model.pt") and loader.predict()
+    assert len(loader.table_frame) == 60 and "agreement with 'cell_type'" in loader.prediction_summary.text()
+    assert set(table_column(loader.table, "correct")) <= {"yes", "no"}
+
+    saliency.method_combo.setCurrentText("gradient")
+    saliency.run()
+    wait(qtbot, saliency.task)
+    layer = session.layer("saliency")
+    assert layer.data.shape == (60, 8, 8) and layer.blending == "additive"
+    assert float(layer.data.max()) == pytest.approx(1.0)
+    assert saliency.target_combo.currentText() == FOLLOW_SLIDER and len(saliency.table_frame) == 64
+    top = saliency.table_frame.iloc[0]
+    saliency.table.selectRow(0)
+    marker = session.layer("selected-gene")
+    np.testing.assert_array_equal(marker.data, [[top["row"], top["col"]]])
+    # the hover text now carries saliency; a class view shows that class's mean map
+    status = session.layer("images").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
+    assert top["gene"] in status and "saliency" in status
+    view = session.imageset.saliency
+    target = next(iter(view.per_class))
+    saliency.target_combo.setCurrentText(target)
+    assert session.layer("saliency").data.shape == (8, 8)
+    assert saliency.table_frame["shown"].iloc[0] == f"mean of class {target}"
+    # annotation tables are ranked by the saliency shown
+    regions = annotate.new_shapes_layer()
+    regions.add_rectangles(np.array([[-0.5, -0.5], [7.5, 7.5]]))
+    ranked = annotate.table_frame["saliency"].to_numpy()
+    assert len(ranked) == 64 and np.all(np.diff(ranked) <= 1e-9)
