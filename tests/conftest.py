@@ -35,3 +35,46 @@ def toy_adata():
         obs=pd.DataFrame({"label": pd.Categorical(labels)}, index=[f"s{i}" for i in range(40)]),
         var=pd.DataFrame(index=[f"g{i}" for i in range(30)]),
     )
+
+
+def make_planted(n_samples=120, n_genes=200, n_classes=3, per_class=3, shift=3.0, seed=0):
+    """Samples × genes (log-scale, N(6, 1) noise) where a few genes decide the class.
+
+    For class k, ``per_class`` genes are raised by ``shift`` in its samples and
+    nothing else differs.  Returns ``(adata, planted)`` with ``planted`` the
+    class → gene names map and labels in ``obs["label"]``.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.arange(n_samples) % n_classes
+    x = rng.normal(6.0, 1.0, size=(n_samples, n_genes)).astype(np.float32)
+    genes = [f"g{i:03d}" for i in range(n_genes)]
+    chosen = rng.choice(n_genes, size=n_classes * per_class, replace=False)
+    planted = {}
+    for k in range(n_classes):
+        columns = chosen[k * per_class:(k + 1) * per_class]
+        x[np.ix_(y == k, columns)] += shift
+        planted[f"class{k}"] = [genes[i] for i in columns]
+    adata = ad.AnnData(
+        X=x,
+        obs=pd.DataFrame({"label": pd.Categorical([f"class{k}" for k in y])},
+                         index=[f"s{i:03d}" for i in range(n_samples)]),
+        var=pd.DataFrame(index=genes),
+    )
+    return adata, planted
+
+
+@pytest.fixture
+def planted_adata():
+    """120 samples × 200 genes, 3 classes decided by 3 planted genes each (see make_planted)."""
+    return make_planted()
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run torch on one thread: on a shared 2-core machine that is faster and steadier."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
