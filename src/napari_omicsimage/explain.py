@@ -56,7 +56,7 @@ def _targets(model, inputs, target):
     if target is None:
         with torch.no_grad():
             return model(inputs).argmax(dim=1)
-    target = torch.as_tensor(np.asarray(target), dtype=torch.long, device=inputs.device)
+    target = torch.as_tensor(np.array(target, dtype=np.int64), device=inputs.device)  # a writable copy
     if target.ndim == 0:
         target = target.expand(inputs.shape[0])
     return target

@@ -1,0 +1,133 @@
+"""Checkpoints: round trip, atomic writes, and clear errors for bad files (checkpoint.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_planted
+
+from napari_omicsimage.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from napari_omicsimage.errors import CheckpointError, OmicsInputError
+from napari_omicsimage.layouts import RGBEmbedding
+from napari_omicsimage.preprocess import PreprocessConfig
+from napari_omicsimage.training import TrainConfig, TrainedModel, train
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained_and_data():
+    adata, _ = make_planted(n_samples=48, n_genes=40)
+    config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", preprocess=PreprocessConfig(n_top_genes=30))
+    trained = train(adata[:36].copy(), "label", {"method": "grid", "order": "cluster"}, config)
+    return trained, adata
+
+
+@pytest.fixture
+def saved(trained_and_data, tmp_path):
+    trained, _ = trained_and_data
+    return save_checkpoint(trained, tmp_path / "model.pt")
+
+
+def test_round_trip_gives_identical_predictions(trained_and_data, saved):
+    trained, adata = trained_and_data
+    new = adata[36:].copy()
+    before = trained.predict(new)
+    loaded = load_checkpoint(saved, device="cpu")
+    after = loaded.predict(new)
+    assert before.equals(after)
+    assert loaded.classes == trained.classes
+    assert list(loaded.genes) == list(trained.genes)
+    assert np.array_equal(loaded.layout.pixel_map_.gene_pixels, trained.layout.pixel_map_.gene_pixels)
+    assert loaded.layout.size == trained.layout.size and loaded.layout.order == "cluster"
+    assert np.array_equal(loaded.preprocessor.min_, trained.preprocessor.min_)
+    assert loaded.config.model == "small" and loaded.config.preprocess.n_top_genes == 30
+    assert [h["loss"] for h in loaded.history] == [h["loss"] for h in trained.history]
+    assert {"napari-omicsimage", "torch", "torchvision", "numpy", "python"} <= set(loaded.versions)
+    assert loaded.label_column == "label" and loaded.layout_spec["method"] == "grid"
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(saved):
+    payload = torch.load(saved, weights_only=True)  # would raise on anything executable
+    assert payload["format"] == FORMAT
+    meta = json.loads(payload["meta"])
+    assert meta["model"] == "small" and meta["in_channels"] == 1 and len(meta["genes"]) == 30
+
+
+def test_truncated_and_corrupted_files_are_clear_errors(saved, tmp_path):
+    data = saved.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted, truncated"):
+        load_checkpoint(truncated)
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes(data[:200] + bytes(b ^ 0xFF for b in data[200:1200]) + data[1200:])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(corrupted)
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text\n")
+    with pytest.raises(CheckpointError, match="corrupted, truncated or not a PyTorch file"):
+        load_checkpoint(text)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_foreign_torch_files_are_clear_errors(tmp_path):
+    state_dict = tmp_path / "state_dict.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, state_dict)
+    with pytest.raises(CheckpointError, match="not a napari-omicsimage checkpoint"):
+        load_checkpoint(state_dict)
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": FORMAT, "format_version": 99, "meta": "{}"}, newer)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(newer)
+    incomplete = tmp_path / "incomplete.pt"
+    torch.save({"format": FORMAT, "format_version": 1, "meta": "{}"}, incomplete)
+    with pytest.raises(CheckpointError, match="incomplete or damaged"):
+        load_checkpoint(incomplete)
+
+
+class _Exploit:
+    """Pickles to a call of ``open(path, "w")``: loading it with pickle would create the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_file_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "format_version": 1, "payload": _Exploit(marker)}, evil)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_writing_is_atomic(trained_and_data, saved, monkeypatch):
+    trained, _ = trained_and_data
+    original = saved.read_bytes()
+
+    def failing_save(obj, stream, *args, **kwargs):
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(trained, saved)
+    assert saved.read_bytes() == original  # the old checkpoint is untouched
+    assert [p.name for p in saved.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+def test_saving_the_published_rgb_method_is_refused_clearly(trained_and_data, tmp_path):
+    trained, _ = trained_and_data
+    rgb = TrainedModel(model=trained.model, preprocessor=trained.preprocessor, layout=RGBEmbedding(size=16),
+                       classes=trained.classes, config=trained.config)
+    with pytest.raises(OmicsInputError, match="cannot save this model"):
+        save_checkpoint(rgb, tmp_path / "rgb.pt")
+    assert not (tmp_path / "rgb.pt").exists()
+    with pytest.raises(OmicsInputError, match="is a folder"):
+        save_checkpoint(trained, tmp_path)
