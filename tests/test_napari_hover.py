@@ -179,7 +179,7 @@ def test_reader_returns_layers_carrying_the_data(tmp_path, known_adata):
     assert roles == ["class-means", "class-names", "density", "images", "pixel-genes"]
     images = layers[roles.index("images")]
     assert images[0].shape == (24, 4, 4)  # one slider over samples, grid of 16 genes
-    payload = images[1]["metadata"]["omicsimage"]["payload"]
+    payload = layers[0][1]["metadata"]["omicsimage"]["payload"]  # on the first layer: adopted first
     assert payload.label_column == "cell_type" and payload.adata.n_obs == 24
     labels, kwargs, kind = layers[roles.index("pixel-genes")]
     assert kind == "labels" and labels[1, 2] == 1 * 4 + 2 + 1

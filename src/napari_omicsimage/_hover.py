@@ -39,8 +39,8 @@ class Mosaic:
 
     @classmethod
     def for_classes(cls, n_classes: int, tile: tuple[int, int]) -> "Mosaic":
-        # Wide rather than tall: the mosaic sits beside the sample image at that image's height,
-        # and each tile must stay wide enough on screen for its class name.
+        # Wide rather than tall (about 2.5 tiles across per row down): the mosaic sits under the
+        # sample image, and a roughly square canvas holds both best that way.
         n_rows = max(1, round(math.sqrt(n_classes / 2.5)))
         n_cols = math.ceil(n_classes / n_rows)
         h, w = tile
@@ -268,17 +268,19 @@ class ImageSet:
 
     # ------------------------------------------------------------- samples
     def sample_caption(self, i: int) -> str:
-        """``sample 3/700 · id · label · predicted`` for the text overlay."""
+        """Two lines for the text overlay: ``sample 3/700: id`` and ``label · predicted``."""
         i = int(np.clip(i, 0, self.n_samples - 1))
-        parts = [f"sample {i + 1}/{self.n_samples}: {self.samples[i]}"]
+        first = f"sample {i + 1}/{self.n_samples}: {self.samples[i]}"
+        parts = []
         if self.labels is not None:
             parts.append(f"{self.label_column or 'label'}: {self.labels[i]}")
         pred = self.prediction(i)
         if pred is not None:
             label, prob = pred
             mark = "" if self.labels is None else ("  ✓" if label == self.labels[i] else "  ✗")
-            parts.append(f"predicted: {label} ({prob:.2f}){mark}")
-        return "   ·   ".join(parts)
+            split = self.predictions.loc[self.samples[i]].get("split") if "split" in self.predictions else None
+            parts.append(f"predicted: {label} ({prob:.2f}){mark}" + (f"  [{split}]" if split else ""))
+        return first + ("\n" + "   ·   ".join(parts) if parts else "")
 
     def prediction(self, i: int) -> tuple[str, float] | None:
         if self.predictions is None or self.samples[i] not in self.predictions.index:

@@ -67,17 +67,26 @@ def make_table(columns: list[str]) -> QTableWidget:
     table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
     table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
     table.verticalHeader().setVisible(False)
-    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    table.verticalHeader().setDefaultSectionSize(22)
+    # sized to contents once per fill (fill_table), not continuously: a dock must not grow with its table
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
     table.horizontalHeader().setStretchLastSection(True)
+    table.setSizeAdjustPolicy(QTableWidget.SizeAdjustPolicy.AdjustIgnored)
     return table
 
 
 def _cell(value) -> str:
-    if value is None:
+    if value is None or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)):
-        return "" if not math.isfinite(float(value)) else f"{float(value):.3f}"
+        if not math.isfinite(float(value)):
+            return ""
+        return f"{float(value):.3f}"
     return str(value)
+
+
+#: friendlier headers for some table columns (CSV exports keep the column names)
+HEADERS = {"pixel_genes": "genes in pixel", "gene_gradient": "gene gradient"}
 
 
 def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | None = None,
@@ -87,7 +96,7 @@ def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | No
     table.setSortingEnabled(False)
     table.clearContents()
     table.setColumnCount(len(columns))
-    table.setHorizontalHeaderLabels(columns)
+    table.setHorizontalHeaderLabels([HEADERS.get(c, c) for c in columns])
     shown = frame.head(max_rows)
     table.setRowCount(len(shown))
     for r, (index, row) in enumerate(shown.iterrows()):
@@ -96,6 +105,9 @@ def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | No
             if c == 0:
                 item.setData(Qt.ItemDataRole.UserRole, index)
             table.setItem(r, c, item)
+    table.resizeColumnsToContents()
+    for c in range(table.columnCount()):
+        table.setColumnWidth(c, min(table.columnWidth(c), 180))
 
 
 def table_column(table: QTableWidget, name: str) -> list[str]:

@@ -8,8 +8,8 @@ return these same tuples, so dropped files look exactly like imagified ones.
 Canvas arrangement (data pixels = world units):
 
 * the sample image stack at the origin, one slider over samples;
-* the class-mean mosaic to its right, scaled to the sample image's height,
-  with class names above each tile;
+* the class-mean mosaic below it, centred, tiles at half the sample image's
+  size, with class names above each tile;
 * hidden gene-density layers (one per channel) over the sample image;
 * a ``gene pixels`` Labels layer whose ``features`` list the genes of each pixel.
 """
@@ -23,9 +23,15 @@ from .._hover import ImageSet, channels_last, relative
 
 META_KEY = "omicsimage"
 
-#: colormap of single-channel expression images (perceptually uniform, black = not expressed)
-IMAGE_COLORMAP = "viridis"
+#: single-channel expression images: black = not expressed (also the empty pixels), white = highest;
+#: neutral, so the saliency heat map added on top reads as the only colour
+IMAGE_COLORMAP = "gray"
 SALIENCY_COLORMAP = "inferno"
+#: saliency below this share of the image's maximum adds nothing: the diffuse low gradient of
+#: every pixel would otherwise tint the whole image
+SALIENCY_FLOOR = 0.15
+#: size of a class-mean tile relative to the sample image
+TILE_SCALE = 0.5
 
 
 def role_of(layer) -> str | None:
@@ -59,10 +65,16 @@ def image_contrast(images: np.ndarray) -> list[float]:
 
 
 def mosaic_transform(imageset: ImageSet) -> tuple[tuple[float, float], tuple[float, float]]:
-    """``(scale, translate)`` placing the class mosaic right of the sample image, same height."""
+    """``(scale, translate)`` placing the class mosaic under the sample image, centred on it.
+
+    Below rather than beside: napari's canvas is roughly square, and a wide
+    gallery beside the sample would shrink everything.
+    """
     h, w = imageset.shape
-    scale = h / imageset.mosaic.shape[0]
-    return (scale, scale), (0.0, w + max(2.0, 0.12 * w))
+    mosaic_h, mosaic_w = imageset.mosaic.shape
+    top = h + 0.05 * h
+    left = (w - mosaic_w * TILE_SCALE) / 2.0
+    return (TILE_SCALE, TILE_SCALE), (top, left)
 
 
 def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tuple]:
@@ -118,11 +130,11 @@ def class_names_layer(imageset: ImageSet) -> tuple:
     return (positions, {
         "name": "class names", "scale": scale, "translate": translate, "size": 0.1,
         "face_color": "transparent", "border_width": 0, "features": pd.DataFrame({"name": names}),
-        "text": {"string": "{name}", "anchor": "lower_left", "size": 9, "color": "white"},
+        "text": {"string": "{name}", "anchor": "lower_left", "size": 9, "color": "#dddddd"},
         "metadata": _meta("class-names", imageset)}, "points")
 
 
-def _short(name: str, limit: int = 18) -> str:
+def _short(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
@@ -168,8 +180,8 @@ def saliency_layer(imageset: ImageSet) -> tuple:
         data = relative(view.per_class[view.target_class]).max(axis=0)
         name = f"saliency ({view.method}, class {view.target_class})"
     return (data.astype(np.float32), {
-        "name": name, "colormap": SALIENCY_COLORMAP, "blending": "additive", "opacity": 0.75,
-        "contrast_limits": [0.0, 1.0], "metadata": _meta("saliency", imageset)}, "image")
+        "name": name, "colormap": SALIENCY_COLORMAP, "blending": "additive", "opacity": 0.9,
+        "contrast_limits": [SALIENCY_FLOOR, 1.0], "metadata": _meta("saliency", imageset)}, "image")
 
 
 def selected_gene_layer(imageset: ImageSet, row: int, col: int, gene: str) -> tuple:

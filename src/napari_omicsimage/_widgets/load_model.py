@@ -109,6 +109,8 @@ class LoadModelWidget(QWidget):
         else:
             frame["correct"] = ""
             notes.append("no labels chosen: predictions only")
+        if getattr(self.loaded, "label_column", None) is not None:
+            notes.append("samples the model was trained on score optimistically")
         if n_missing:
             notes.append(f"{n_missing} model gene(s) missing from these data were filled with training means")
         self.table_frame = frame

@@ -16,7 +16,8 @@ from ._common import (BackgroundTask, Relay, fill_table, group, make_table, prog
 from ._state import get_session
 
 FOLLOW_SLIDER = "each sample (follows the slider)"
-COLUMNS = ["rank", "gene", "saliency", "expression", "gene_gradient", "pixel_genes", "channel", "row", "col"]
+#: shown in the table (the CSV export has every column of explain.gene_table, e.g. gene_gradient)
+COLUMNS = ["rank", "gene", "saliency", "expression", "pixel_genes", "row", "col"]
 #: images per saliency call: small enough to report progress and cancel often
 CHUNK = 32
 
@@ -80,6 +81,7 @@ class SaliencyWidget(QWidget):
         self.session.sample_changed.connect(lambda *_: self.update_table())
         self.session.model_changed.connect(self._model_changed)
         self.session.images_changed.connect(self._images_changed)
+        self.session.saliency_changed.connect(self._fill_targets)
         self._model_changed()
 
     # ---------------------------------------------------------------- run
@@ -210,7 +212,8 @@ class SaliencyWidget(QWidget):
         self.context.setText(f"{frame['shown'].iloc[0] if len(frame) else ''}: saliency relative to the most "
                              "salient pixel; expression scaled 0–1")
         self.table_frame = frame
-        fill_table(self.table, frame, COLUMNS, max_rows=200)
+        columns = COLUMNS if imageset.n_channels == 1 else COLUMNS[:-2] + ["channel", "row", "col"]
+        fill_table(self.table, frame, columns, max_rows=200)
 
     def _row_selected(self) -> None:
         rows = self.table.selectionModel().selectedRows()

@@ -218,12 +218,28 @@ class TrainWidget(QWidget):
 
         self.metric_rows.append(row)
         frame = pd.DataFrame(self.metric_rows, columns=METRIC_COLUMNS)
+        frame["epoch"] = frame["epoch"].astype("Int64")  # whole numbers, blank for fold rows
         fill_table(self.metrics_table, frame, METRIC_COLUMNS)
         self.metrics_table.scrollToBottom()
 
     def _done(self, value) -> None:
         trained, cv = value
         self.result = value
+        if trained is not None:
+            predictions = None
+            if cv is not None and not cv.cancelled:
+                # out-of-fold predictions: each sample predicted by a model that never saw it
+                predictions = cv.predictions.set_index("sample")
+            try:
+                self.session.set_trained(trained, cv, predictions=predictions)
+            except Exception as exc:  # noqa: BLE001
+                report_error(exc)
+        notes = self.show_training(trained, cv)
+        self.status.setText("cancelled" if self._cancel.is_set() else "done")
+        report_info(notes[0] if notes else "training finished")
+
+    def show_training(self, trained, cv) -> list[str]:
+        """Summary, loss curves and confusion matrix of a finished (or cancelled) run."""
         notes = []
         if cv is not None:
             mean, sd = cv.metrics["mean"], cv.metrics["sd"]
@@ -236,21 +252,17 @@ class TrainWidget(QWidget):
             if cv.cancelled:
                 notes.append("cancelled: only the finished folds count; no final model was trained")
         if trained is not None:
-            notes.append(f"final model trained on all {self.session.adata.n_obs} samples for "
-                         f"{len(trained.history)} epoch(s)" + (" (cancelled early)" if trained.cancelled else ""))
-            predictions = None
-            if cv is not None and not cv.cancelled:
-                # out-of-fold predictions: each sample predicted by a model that never saw it
-                predictions = cv.predictions.set_index("sample")
-            try:
-                self.session.set_trained(trained, cv, predictions=predictions)
-            except Exception as exc:  # noqa: BLE001
-                report_error(exc)
+            if not self.metric_rows:
+                for record in trained.history:
+                    self._add_row({"phase": "final", "epoch": record["epoch"], "loss": record["loss"],
+                                   "train acc": record.get("train_accuracy")})
+            n = self.session.adata.n_obs if self.session.adata is not None else "the"
+            notes.append(f"final model trained on all {n} samples for {len(trained.history)} epoch(s)"
+                         + (" (cancelled early)" if trained.cancelled else ""))
             self.save_button.setEnabled(True)
         self.summary.setText("\n".join(notes))
         self.show_figures(trained, cv)
-        self.status.setText("cancelled" if self._cancel.is_set() else "done")
-        report_info(notes[0] if notes else "training finished")
+        return notes
 
     def _failed(self, exc) -> None:
         if isinstance(exc, _Cancelled):
@@ -271,7 +283,7 @@ class TrainWidget(QWidget):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(5.2, 2.6), dpi=100, layout="constrained")
+        figure = Figure(figsize=(4.2, 2.5), dpi=100, layout="constrained")
         loss_ax, confusion_ax = figure.subplots(1, 2)
         if cv is not None:
             for f, curve in enumerate(cv.loss_curves):
