@@ -122,12 +122,30 @@ def test_writing_is_atomic(trained_and_data, saved, monkeypatch):
     assert [p.name for p in saved.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
 
 
-def test_saving_the_published_rgb_method_is_refused_clearly(trained_and_data, tmp_path):
+def test_unfitted_or_folder_targets_are_refused_clearly(trained_and_data, tmp_path):
     trained, _ = trained_and_data
-    rgb = TrainedModel(model=trained.model, preprocessor=trained.preprocessor, layout=RGBEmbedding(size=16),
-                       classes=trained.classes, config=trained.config)
-    with pytest.raises(OmicsInputError, match="cannot save this model"):
-        save_checkpoint(rgb, tmp_path / "rgb.pt")
+    unfitted = TrainedModel(model=trained.model, preprocessor=trained.preprocessor, layout=RGBEmbedding(size=16),
+                            classes=trained.classes, config=trained.config)
+    with pytest.raises(OmicsInputError, match="not fitted"):
+        save_checkpoint(unfitted, tmp_path / "rgb.pt")
     assert not (tmp_path / "rgb.pt").exists()
     with pytest.raises(OmicsInputError, match="is a folder"):
         save_checkpoint(trained, tmp_path)
+
+
+@pytest.mark.slow
+def test_published_rgb_method_round_trip(tmp_path):
+    """PCA and t-SNE projections are rebuilt exactly; UMAP by nearest training samples (documented)."""
+    adata, _ = make_planted(n_samples=45, n_genes=40)
+    config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
+    trained = train(adata[:36].copy(), "label", {"method": "rgb-embedding", "size": 24}, config)
+    loaded = load_checkpoint(save_checkpoint(trained, tmp_path / "rgb.pt"), device="cpu")
+    assert loaded.layout.method == "rgb-embedding" and not loaded.layout.has_gene_map
+    x, _ = trained.prepare(adata[36:].copy())
+    scores = trained.layout.pca_.transform(x)
+    assert np.allclose(loaded.layout.pca_.transform(x), scores, atol=1e-5)
+    before, after = trained.layout._embeddings(scores), loaded.layout._embeddings(scores)
+    assert np.allclose(after["tsne"], before["tsne"], atol=1e-3)
+    assert np.corrcoef(after["umap"][:, 0], before["umap"][:, 0])[0, 1] > 0.5
+    frame = loaded.predict(adata[36:].copy())
+    assert len(frame) == 9 and np.allclose(frame.filter(like="prob_").sum(axis=1), 1, atol=1e-5)

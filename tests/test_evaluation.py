@@ -1,17 +1,22 @@
 """Cross-validation protocol, metrics, baseline, Wilcoxon test and reports (evaluation.py, reports.py)."""
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_planted
 
-import napari_omicsimage.evaluation as evaluation
-import napari_omicsimage.training as training
+from napari_omicsimage import evaluation, training
 from napari_omicsimage.errors import OmicsInputError
-from napari_omicsimage.evaluation import (METRIC_NAMES, classification_metrics, cross_validate, wilcoxon_test,
-                                          write_report)
+from napari_omicsimage.evaluation import (
+    METRIC_NAMES,
+    classification_metrics,
+    cross_validate,
+    wilcoxon_test,
+    write_report,
+)
 from napari_omicsimage.layouts import GridLayout
 from napari_omicsimage.preprocess import PreprocessConfig, Preprocessor
 from napari_omicsimage.reports import metrics_table
@@ -23,8 +28,8 @@ GRID = {"method": "grid"}
 
 
 def _config(**overrides):
-    values = dict(model="small", epochs=2, batch_size=16, lr=3e-3, device="cpu",
-                  preprocess=PreprocessConfig(n_top_genes=None))
+    values = {"model": "small", "epochs": 2, "batch_size": 16, "lr": 3e-3, "device": "cpu",
+              "preprocess": PreprocessConfig(n_top_genes=None)}
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -66,7 +71,7 @@ def test_cross_validation_reports_folds_mean_sd_and_baseline(planted_cv):
 
 
 class _RecordingPreprocessor(Preprocessor):
-    log: list = []
+    log: ClassVar[list] = []
 
     def fit(self, adata):
         self.log.append(("fit", list(adata.obs_names), None))
@@ -79,7 +84,7 @@ class _RecordingPreprocessor(Preprocessor):
 
 
 class _RecordingGrid(GridLayout):
-    fits: list = []
+    fits: ClassVar[list] = []
 
     def fit(self, x, genes=None):
         self.fits.append(np.array(x, copy=True))

@@ -6,8 +6,17 @@ import torch
 from conftest import make_planted
 
 from napari_omicsimage.errors import OmicsInputError
-from napari_omicsimage.explain import (SALIENCY_METHODS, class_gene_tables, explain, gene_gradient, gene_saliency,
-                                       gene_table, saliency, saliency_map, signed_gradient)
+from napari_omicsimage.explain import (
+    SALIENCY_METHODS,
+    class_gene_tables,
+    explain,
+    gene_gradient,
+    gene_saliency,
+    gene_table,
+    saliency,
+    saliency_map,
+    signed_gradient,
+)
 from napari_omicsimage.layouts import GridLayout, RGBEmbedding
 from napari_omicsimage.models import build_model
 from napari_omicsimage.preprocess import PreprocessConfig

@@ -16,8 +16,8 @@ GRID = {"method": "grid"}
 
 
 def _config(**overrides):
-    values = dict(model="small", epochs=2, batch_size=16, lr=3e-3, device="cpu",
-                  preprocess=PreprocessConfig(n_top_genes=None))
+    values = {"model": "small", "epochs": 2, "batch_size": 16, "lr": 3e-3, "device": "cpu",
+              "preprocess": PreprocessConfig(n_top_genes=None)}
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -78,7 +78,6 @@ class _ConsoleProgress:
     def __call__(self, event):
         if event.stage == "fold" or (event.stage == "epoch" and self.verbose):
             print(event.describe(), file=sys.stderr, flush=True)
-        return None
 
 
 # ------------------------------------------------------------------ commands
@@ -133,11 +132,9 @@ def cmd_train(args) -> int:
     adata, label_column = load_input(args)
     spec = layout_spec(args)
     if spec["method"] == "rgb-embedding":
-        raise OmicsInputError(
-            "models on the published RGB method (rgb-embedding) cannot be saved: its fitted t-SNE/UMAP "
-            "reducers are not storable as plain arrays. Evaluate it with `omicsimage evaluate`, or train "
-            "on a gene layout (deepinsight, fotomics, rgb-layouts, grid)."
-        )
+        print("note: rgb-embedding checkpoints rebuild t-SNE exactly but project new samples into UMAP by "
+              "their nearest training samples, so the blue channel can differ slightly after reloading "
+              "(see docs/models.md)", file=sys.stderr)
     progress = _ConsoleProgress(True)
     trained = train(adata, label_column, spec, config, progress=progress)
     save_checkpoint(trained, out)
@@ -243,7 +240,7 @@ def cmd_explain(args) -> int:
         if class_maps:
             np.save(tmp / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
         summary = {"method": args.method, "grouping": result.grouping,
-                   "classes": [{"class": name, "n_samples": int(len(result.class_members[name])),
+                   "classes": [{"class": name, "n_samples": len(result.class_members[name]),
                                 "gene_table": files[name], "class_saliency_index": i}
                                for i, name in enumerate(result.class_members)],
                    "classes_without_samples": [c for c in result.classes if c not in result.class_members],

@@ -17,6 +17,18 @@ Layout of the file (a ``torch.save`` dict)::
 
 Writing goes to a temporary file in the target folder that is renamed over
 the target at the end, so a crash never leaves a half-written checkpoint.
+
+The published RGB method (``rgb-embedding``) has no plain-array state of its
+own (its fitted reducers are openTSNE and UMAP objects), so checkpoints store
+what is needed to project new samples: the PCA mean and components, the
+training samples' PCA scores and their t-SNE and UMAP embeddings, and the
+scaling ranges.  On loading, t-SNE is rebuilt exactly (openTSNE
+``TSNEEmbedding`` from the stored embedding and affinities recomputed on the
+stored scores), so its out-of-sample step is unchanged.  UMAP cannot be
+rebuilt from arrays: a reloaded model places a new sample at the
+distance-weighted mean UMAP position of its nearest training samples, where
+the in-memory model runs UMAP's own ``transform``.  The blue channel (and so
+predictions) can therefore differ slightly after reloading.
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ def save_checkpoint(trained, path) -> Path:
     if path.is_dir():
         raise OmicsInputError(f"{path} is a folder; give a file name for the checkpoint, e.g. {path / 'model.pt'}.")
     try:
-        layout_meta, layout_arrays = trained.layout.state()
+        layout_meta, layout_arrays = layout_state(trained.layout)
     except OmicsInputError as exc:
         raise OmicsInputError(f"cannot save this model: {exc}") from exc
     preprocess = trained.preprocessor.state()
@@ -153,7 +165,6 @@ def load_checkpoint(path, device=None):
     Raises :class:`~napari_omicsimage.errors.CheckpointError` for a missing,
     corrupted, truncated, foreign or unsafe file.
     """
-    from .layouts import layout_from_state
     from .models import build_model, resolve_device
     from .preprocess import Preprocessor
     from .training import TrainConfig, TrainedModel
@@ -168,7 +179,7 @@ def load_checkpoint(path, device=None):
             "config": meta["preprocess"]["config"], "log_scale": meta["preprocess"]["log_scale"],
             "genes": meta["genes"], "min": payload["preprocess_min"].numpy(),
             "max": payload["preprocess_max"].numpy()})
-        layout = layout_from_state(meta["layout"], layout_arrays)
+        layout = restore_layout(meta["layout"], layout_arrays)
         config = TrainConfig.from_dict(meta["train_config"])
         fill_values = payload["fill_values"].numpy()
     except (KeyError, TypeError, ValueError, AttributeError, OmicsInputError) as exc:
@@ -192,3 +203,109 @@ def load_checkpoint(path, device=None):
                         config=config, history=list(meta.get("history", [])), cancelled=bool(meta.get("cancelled")),
                         label_column=meta.get("label_column"), layout_spec=dict(meta.get("layout_spec", {})),
                         fill_values=fill_values, versions=dict(meta.get("versions", {})))
+
+
+# ====================================================== layouts in checkpoints
+def layout_state(layout) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of a fitted layout; the published RGB method included (see module docs)."""
+    from .layouts import RGBEmbedding
+
+    if isinstance(layout, RGBEmbedding):
+        return _rgb_embedding_state(layout)
+    return layout.state()
+
+
+def restore_layout(meta: dict, arrays: dict[str, np.ndarray]):
+    from .layouts import layout_from_state
+
+    if meta.get("method") == "rgb-embedding":
+        return _restore_rgb_embedding(meta, arrays)
+    return layout_from_state(meta, arrays)
+
+
+def _json_plain(params: dict) -> dict:
+    return {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
+def _rgb_embedding_state(layout):
+    if not hasattr(layout, "pca_"):
+        raise OmicsInputError("the rgb-embedding layout is not fitted; train the model before saving it.")
+    scores = np.asarray(layout.umap_._raw_data, dtype=np.float64)  # the training samples' PCA scores
+    affinities = layout.tsne_.affinities
+    meta = {
+        "method": "rgb-embedding",
+        "params": {"size": list(layout.size), "radius": layout.radius, "n_pcs": layout.n_pcs,
+                   "random_state": layout.random_state},
+        "genes": [str(g) for g in layout.genes_],
+        "tsne": {"perplexities": [float(p) for p in np.atleast_1d(affinities.perplexities)],
+                 "gradient_descent": _json_plain(layout.tsne_.gradient_descent_params)},
+        "umap_n_neighbors": int(layout.umap_.n_neighbors),
+    }
+    arrays = {
+        "pca_mean": np.asarray(layout.pca_.mean_, dtype=np.float64),
+        "pca_components": np.asarray(layout.pca_.components_, dtype=np.float64),
+        "train_scores": scores,
+        "tsne_embedding": np.asarray(layout.tsne_, dtype=np.float64),
+        "umap_embedding": np.asarray(layout.umap_.embedding_, dtype=np.float64),
+    }
+    for key, (low, high) in layout.ranges_.items():
+        arrays[f"range_{key}_low"] = np.asarray(low, dtype=np.float64)
+        arrays[f"range_{key}_high"] = np.asarray(high, dtype=np.float64)
+    return meta, arrays
+
+
+class _StoredPCA:
+    """The projection of a fitted scikit-learn PCA (no whitening): ``(x − mean) @ componentsᵀ``."""
+
+    def __init__(self, mean, components):
+        self.mean_ = np.asarray(mean, dtype=np.float64)
+        self.components_ = np.asarray(components, dtype=np.float64)
+
+    def transform(self, x):
+        return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.components_.T
+
+
+class _NeighbourUMAP:
+    """Stand-in for a fitted UMAP after reloading: inverse-distance weighted mean
+    embedding of the ``n_neighbors`` nearest training samples (UMAP's own
+    transform starts from a similar weighted mean, then optimises further)."""
+
+    def __init__(self, train_scores, embedding, n_neighbors: int):
+        from sklearn.neighbors import NearestNeighbors
+
+        self.embedding_ = np.asarray(embedding, dtype=np.float64)
+        self.n_neighbors = int(min(n_neighbors, len(train_scores)))
+        self._raw_data = np.asarray(train_scores, dtype=np.float64)
+        self._index = NearestNeighbors(n_neighbors=self.n_neighbors).fit(self._raw_data)
+
+    def transform(self, scores):
+        distances, neighbours = self._index.kneighbors(np.asarray(scores, dtype=np.float64))
+        weights = 1.0 / np.maximum(distances, 1e-12)
+        weights /= weights.sum(axis=1, keepdims=True)
+        return np.einsum("nk,nkd->nd", weights, self.embedding_[neighbours])
+
+
+def _restore_rgb_embedding(meta, arrays):
+    from openTSNE import TSNEEmbedding
+    from openTSNE.affinity import MultiscaleMixture
+
+    from .layouts import RGBEmbedding
+
+    layout = RGBEmbedding(**meta["params"])
+    layout.genes_ = np.asarray(meta["genes"], dtype=object)
+    layout.pca_ = _StoredPCA(arrays["pca_mean"], arrays["pca_components"])
+    scores = np.asarray(arrays["train_scores"], dtype=np.float64)
+    random_state = meta["params"].get("random_state")
+    perplexities = meta["tsne"]["perplexities"]
+    # the affinities openTSNE's TSNE.fit computed, recomputed on the same scores with the same settings
+    affinities = MultiscaleMixture(scores, perplexities if len(perplexities) > 1 else perplexities[0],
+                                   method="auto", metric="euclidean", n_jobs=1, random_state=random_state)
+    params = dict(meta["tsne"]["gradient_descent"])
+    params.pop("n_jobs", None)
+    layout.tsne_ = TSNEEmbedding(np.asarray(arrays["tsne_embedding"]), affinities, random_state=random_state,
+                                 n_jobs=1, **params)
+    layout.umap_ = _NeighbourUMAP(scores, arrays["umap_embedding"], meta["umap_n_neighbors"])
+    layout.ranges_ = {key: (np.asarray(arrays[f"range_{key}_low"]), np.asarray(arrays[f"range_{key}_high"]))
+                      for key in ("tsne", "pca", "umap")}
+    layout.restored_from_checkpoint_ = True
+    return layout

@@ -33,8 +33,16 @@ from .errors import OmicsInputError
 from .io import check_labels
 from .models import resolve_device
 from .preprocess import Preprocessor
-from .training import (ImageBatches, Progress, ProgressEvent, TrainConfig, class_indices, fit_layout,
-                       fit_network, predict_proba)
+from .training import (
+    ImageBatches,
+    Progress,
+    ProgressEvent,
+    TrainConfig,
+    class_indices,
+    fit_layout,
+    fit_network,
+    predict_proba,
+)
 
 #: per-fold metrics, all macro-averaged over classes where that applies
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
@@ -44,8 +52,12 @@ METRIC_NAMES = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macr
 # ==================================================================== metrics
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro precision/recall/F1 and macro one-vs-one ROC-AUC."""
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, precision_recall_fscore_support,
-                                 roc_auc_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true)
     predicted = proba.argmax(axis=1)
@@ -146,7 +158,7 @@ class CVResult:
     def fold_scores(self, metric: str = "accuracy") -> list[float]:
         return [row[metric] for row in self.metrics["folds"]]
 
-    def compare(self, other: "CVResult", metric: str = "accuracy") -> dict:
+    def compare(self, other: CVResult, metric: str = "accuracy") -> dict:
         """Wilcoxon signed-rank test of this result's fold scores against ``other``'s.
 
         Both must come from the same folds (same samples, seed and k), else the
@@ -251,7 +263,7 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
             break
         proba = predict_proba(model, test_batches, batch_size=max(int(config.batch_size), 1),
                               mixed_precision=config.mixed_precision)
-        row = {"fold": f + 1, "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+        row = {"fold": f + 1, "n_train": len(train_idx), "n_test": len(test_idx),
                **classification_metrics(y[test_idx], proba, n_classes),
                "final_train_loss": history[-1]["loss"], "seconds": round(time.perf_counter() - started, 2)}
         fold_rows.append(row)
@@ -277,7 +289,7 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
     if not fold_rows:
         raise OmicsInputError("cross-validation was cancelled before any fold finished; nothing to report.")
     mean, sd = _summary(fold_rows)
-    metrics = {"folds": fold_rows, "mean": mean, "sd": sd, "classes": classes, "n_samples": int(len(y)),
+    metrics = {"folds": fold_rows, "mean": mean, "sd": sd, "classes": classes, "n_samples": len(y),
                "class_counts": {c: int((labels == c).sum()) for c in classes},
                "protocol": {"model": config.model, "folds": folds, "epochs": int(config.epochs),
                             "batch_size": int(config.batch_size), "optimizer": "Adam", "lr": float(config.lr),

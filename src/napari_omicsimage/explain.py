@@ -71,7 +71,13 @@ def saliency(model, images, method: str = "gradient", target=None, *, batch_size
     ``noise_level`` are SmoothGrad's, ``n_steps`` Integrated Gradients'.
     """
     import torch
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+    from captum.attr import (
+        IntegratedGradients,
+        LayerAttribution,
+        LayerGradCam,
+        NoiseTunnel,
+        Saliency,
+    )
 
     from .models import gradcam_layer
 

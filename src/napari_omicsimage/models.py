@@ -45,7 +45,7 @@ POOLED_GRID = 4
 
 
 def _small_cnn(in_channels: int, n_classes: int):
-    import torch.nn as nn
+    from torch import nn
 
     class SmallCNN(nn.Module):
         """Three conv–BN–ReLU blocks, pooled to a coarse 4×4 grid, and a linear head.
@@ -86,7 +86,7 @@ def _adapt_first_conv(conv, in_channels: int):
     ``3 / in_channels`` so activations keep their magnitude (timm's convention).
     """
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
@@ -127,7 +127,7 @@ def _local_state_dict(path: Path, name: str) -> dict:
         raise OmicsInputError(f"weights file {path} does not exist; give the path of a .pth file.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for unreadable files
+    except Exception as exc:
         raise OmicsInputError(
             f"{path} is not a readable PyTorch weights file ({type(exc).__name__}: {exc}); give the "
             f"torchvision ImageNet state dict of {name}."
@@ -149,8 +149,8 @@ def build_model(name: str, in_channels: int, n_classes: int, weights=None):
     local torchvision weights file.  Pretrained weights are loaded into the
     original architecture first, then its first convolution and head are adapted.
     """
-    import torch.nn as nn
     import torchvision.models as tvm
+    from torch import nn
 
     if name not in MODEL_NAMES:
         raise OmicsInputError(f"unknown model {name!r}; choose one of {MODEL_NAMES}.")
@@ -193,7 +193,7 @@ def build_model(name: str, in_channels: int, n_classes: int, weights=None):
 
 def gradcam_layer(model):
     """The last convolutional block, where Grad-CAM reads activations."""
-    import torch.nn as nn
+    from torch import nn
 
     if hasattr(model, "layer4"):  # ResNet
         return model.layer4

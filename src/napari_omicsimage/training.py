@@ -51,7 +51,7 @@ class TrainConfig:
     recalibrate_batchnorm: bool = True
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from .models import MODEL_NAMES
 
         if self.model not in MODEL_NAMES:
@@ -70,7 +70,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         values = dict(values)
         values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
         return cls(**values)
