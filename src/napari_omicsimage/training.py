@@ -134,7 +134,8 @@ class ImageBatches:
         self.device = device
         if images is not None:
             self.layout = None
-            self.data = torch.as_tensor(np.asarray(images, dtype=np.float32), device=device)
+            # images can be large (N·C·H·W): keep them in host memory and move one batch at a time
+            self.data = torch.as_tensor(np.asarray(images, dtype=np.float32))
         else:
             if layout is None or x is None or not layout.has_gene_map:
                 raise ValueError("ImageBatches needs a gene layout and a matrix, or images")
@@ -145,10 +146,9 @@ class ImageBatches:
         return int(self.data.shape[0])
 
     def get(self, index):
-        rows = self.data[index]
         if self.layout is None:
-            return rows
-        return self.layout.transform(rows, device=self.device)
+            return self.data[index.cpu()].to(self.device, non_blocking=True)
+        return self.layout.transform(self.data[index], device=self.device)
 
 
 def _autocast(device, enabled: bool):
@@ -171,8 +171,9 @@ def predict_proba(model, batches: ImageBatches, *, batch_size: int = 64, mixed_p
     with torch.no_grad():
         for start in range(0, len(batches), batch_size):
             index = torch.arange(start, min(start + batch_size, len(batches)), device=batches.device)
+            images = batches.get(index)  # rendered in float32, outside autocast
             with _autocast(batches.device, mixed_precision):
-                logits = model(batches.get(index))
+                logits = model(images)
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
@@ -216,8 +217,9 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
                 # BatchNorm cannot train on one sample; fold the straggler into training next epoch
                 continue
             optimiser.zero_grad(set_to_none=True)
+            images = batches.get(index)  # rendered in float32: sparse kernels have no float16 version
             with _autocast(device, use_amp):
-                logits = model(batches.get(index))
+                logits = model(images)
                 loss = loss_fn(logits.float(), targets[index])
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -288,8 +290,9 @@ def recalibrate_batchnorm(model, batches: ImageBatches, *, batch_size: int = 32,
     with torch.no_grad():
         for chunk in np.array_split(np.arange(len(batches)), n_chunks):
             index = torch.as_tensor(chunk, device=batches.device)
+            images = batches.get(index)
             with _autocast(batches.device, mixed_precision):
-                model(batches.get(index))
+                model(images)
     for m in norms:
         m.momentum = momenta[m]
     model.eval()
@@ -327,8 +330,9 @@ class TrainedModel:
         except StopIteration:  # pragma: no cover - every model here has parameters
             return torch.device("cpu")
 
-    def prepare(self, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION):
-        """``(x, images)`` for new samples: genes aligned by name, preprocessed, rendered.
+    def prepare_matrix(self, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION
+                       ) -> np.ndarray:
+        """The preprocessed, gene-aligned matrix ``(N, genes)`` of new samples.
 
         Genes the model needs but ``adata`` lacks are filled with their mean
         preprocessed training value (a neutral value: the network sees the
@@ -345,12 +349,22 @@ class TrainedModel:
             columns = pd.Index(self.genes).get_indexer(missing)
             fill = self.fill_values if self.fill_values is not None else np.zeros(len(self.genes), np.float32)
             x[:, columns] = fill[columns]
-        images = self.layout.transform(x)
-        return x, np.asarray(images, dtype=np.float32)
+        return x
+
+    def prepare(self, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION):
+        """``(x, images)`` for new samples: genes aligned by name, preprocessed, rendered.
+
+        ``x`` is the preprocessed matrix ``(N, genes)``; ``images`` is ``(N, C, H, W)``
+        float32.  See :meth:`prepare_matrix` for how missing genes are handled.
+        """
+        x = self.prepare_matrix(adata, max_missing_fraction=max_missing_fraction)
+        return x, np.asarray(self.layout.transform(x), dtype=np.float32)
 
     def predict_proba(self, adata: ad.AnnData, **options) -> np.ndarray:
-        _, images = self.prepare(adata, **options)
-        batches = ImageBatches(self.device, images=images)
+        x = self.prepare_matrix(adata, **options)
+        # gene layouts render batch by batch on the model's device; the RGB embedding projects first
+        batches = (ImageBatches(self.device, layout=self.layout, x=x) if self.layout.has_gene_map
+                   else ImageBatches(self.device, images=self.layout.transform(x)))
         return predict_proba(self.model, batches, batch_size=max(int(self.config.batch_size), 1),
                              mixed_precision=self.config.mixed_precision)
 
