@@ -176,7 +176,7 @@ def test_reader_returns_layers_carrying_the_data(tmp_path, known_adata):
     known_adata.write_h5ad(path)
     layers = napari_get_reader(str(path))(str(path))
     roles = [data[1]["metadata"]["omicsimage"]["role"] for data in layers]
-    assert roles == ["class-means", "class-names", "density", "images", "pixel-genes"]
+    assert roles == ["class-means", "class-names", "images", "density", "pixel-genes"]
     images = layers[roles.index("images")]
     assert images[0].shape == (24, 4, 4)  # one slider over samples, grid of 16 genes
     payload = layers[0][1]["metadata"]["omicsimage"]["payload"]  # on the first layer: adopted first

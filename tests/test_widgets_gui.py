@@ -65,7 +65,7 @@ def test_data_and_imagify_widgets_build_the_layers(make_napari_viewer, qtbot, h5
     assert table_column(data.class_table, "class") == ["A", "B"]
     assert "60 samples × 64 genes" in data.summary.text()
     names = [layer.name for layer in viewer.layers]
-    assert names == ["class means", "class names", "gene density", "expression images", "gene pixels"]
+    assert names == ["class means", "class names", "expression images", "gene density", "gene pixels"]
     images = session.layer("images")
     assert images.data.shape == (60, 8, 8) and viewer.dims.axis_labels[0] == "sample"
     # the class means mosaic shows class B's high top row

@@ -39,9 +39,9 @@ class Mosaic:
 
     @classmethod
     def for_classes(cls, n_classes: int, tile: tuple[int, int]) -> "Mosaic":
-        # Wide rather than tall (about 2.5 tiles across per row down): the mosaic sits under the
-        # sample image, and a roughly square canvas holds both best that way.
-        n_rows = max(1, round(math.sqrt(n_classes / 2.5)))
+        # A little wider than tall (about 1.5 tiles across per row down): under the sample image
+        # in a roughly square canvas, that keeps tiles (and their class names) widest.
+        n_rows = max(1, round(math.sqrt(n_classes / 1.5)))
         n_cols = math.ceil(n_classes / n_rows)
         h, w = tile
         return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.3)), max(1, round(w * 0.08))))
@@ -108,18 +108,20 @@ class PixelReport:
         return f"{len(self.table)} gene(s): " + " | ".join(parts) + sal + f" ({self.context})"
 
     def tooltip(self, max_genes: int = 12) -> str:
-        """Several lines for the canvas tooltip."""
+        """Several lines for the canvas tooltip: one gene per line."""
         lines = [f"pixel ({self.row}, {self.col}) · {self.context}"]
         if self.table.empty:
             return lines[0] + "\nno gene in this pixel"
         has_saliency = bool(np.isfinite(self.table["saliency"]).any())
-        lines.append(f"{len(self.table)} gene(s)  gene: expression" + (", saliency" if has_saliency else ""))
+        n = len(self.table)
+        lines.append(f"{n} gene{'s' if n > 1 else ''}: expression (0–1)"
+                     + (", saliency (share of the image's maximum)" if has_saliency else ""))
         for rec in self.table.head(max_genes).itertuples():
             channel = f"[{rec.channel}] " if rec.channel else ""
-            sal = f", {rec.saliency:.2f}" if has_saliency and np.isfinite(rec.saliency) else ""
-            lines.append(f"  {channel}{rec.gene}: {rec.expression:.2f}{sal}")
-        if len(self.table) > max_genes:
-            lines.append(f"  … {len(self.table) - max_genes} more (see the gene inspector)")
+            sal = f"   saliency {rec.saliency:.2f}" if has_saliency and np.isfinite(rec.saliency) else ""
+            lines.append(f"  {channel}{rec.gene}   {rec.expression:.2f}{sal}")
+        if n > max_genes:
+            lines.append(f"  … {n - max_genes} more (see the gene inspector)")
         return "\n".join(lines)
 
 
@@ -280,7 +282,7 @@ class ImageSet:
             mark = "" if self.labels is None else ("  ✓" if label == self.labels[i] else "  ✗")
             split = self.predictions.loc[self.samples[i]].get("split") if "split" in self.predictions else None
             parts.append(f"predicted: {label} ({prob:.2f}){mark}" + (f"  [{split}]" if split else ""))
-        return first + ("\n" + "   ·   ".join(parts) if parts else "")
+        return "\n".join([first, *parts])
 
     def prediction(self, i: int) -> tuple[str, float] | None:
         if self.predictions is None or self.samples[i] not in self.predictions.index:

@@ -255,6 +255,16 @@ def plot_density(imageset, path) -> Path:
     return Path(path)
 
 
+def _share_dock_height(viewer, top, bottom, top_share: float) -> None:
+    """Split the right dock column between the tabbed widgets and the gene inspector."""
+    from qtpy.QtCore import Qt
+
+    window = viewer.window._qt_window
+    height = max(window.height() - 120, 400)
+    window.resizeDocks([top, bottom], [int(height * top_share), int(height * (1 - top_share))],
+                       Qt.Orientation.Vertical)
+
+
 def _wrap(name: str, width: int = 18) -> str:
     if len(name) <= width or "/" not in name:
         return name
@@ -288,6 +298,7 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
         f"demo model: small CNN, {len(result.trained.history)} epochs on {result.adata.n_obs - len(result.held_out)} "
         f"cells; held-out accuracy {result.held_out_accuracy:.3f} on {len(result.held_out)} cells")
     docks["5 Saliency"][0].raise_()
+    _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.62)
     viewer.layers.selection.active = session.layer("images")
     if run:
         napari.run()

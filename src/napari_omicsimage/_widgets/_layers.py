@@ -7,9 +7,10 @@ return these same tuples, so dropped files look exactly like imagified ones.
 
 Canvas arrangement (data pixels = world units):
 
-* the sample image stack at the origin, one slider over samples;
-* the class-mean mosaic below it, centred, tiles at half the sample image's
-  size, with class names above each tile;
+* the sample image stack at the origin, one slider over samples (the current
+  sample's id, label and prediction go in the canvas text overlay, top right);
+* the class-mean mosaic below it, tiles at half the sample image's size, with
+  class names above each tile;
 * hidden gene-density layers (one per channel) over the sample image;
 * a ``gene pixels`` Labels layer whose ``features`` list the genes of each pixel.
 """
@@ -67,14 +68,11 @@ def image_contrast(images: np.ndarray) -> list[float]:
 def mosaic_transform(imageset: ImageSet) -> tuple[tuple[float, float], tuple[float, float]]:
     """``(scale, translate)`` placing the class mosaic under the sample image, centred on it.
 
-    Below rather than beside: napari's canvas is roughly square, and a wide
-    gallery beside the sample would shrink everything.
+    Below rather than beside: with the widgets docked napari's canvas is about
+    square or taller, and a wide gallery beside the sample would shrink everything.
     """
-    h, w = imageset.shape
-    mosaic_h, mosaic_w = imageset.mosaic.shape
-    top = h + 0.05 * h
-    left = (w - mosaic_w * TILE_SCALE) / 2.0
-    return (TILE_SCALE, TILE_SCALE), (top, left)
+    h, _ = imageset.shape
+    return (TILE_SCALE, TILE_SCALE), (1.05 * h, 0.0)
 
 
 def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tuple]:
@@ -92,10 +90,17 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
         tiles = channels_last(imageset.class_images)
         mosaic = imageset.mosaic.compose(tiles, fill=0.0)
         scale, translate = mosaic_transform(imageset)
+        # means are smoother and dimmer than single samples: their own contrast keeps them readable
+        mosaic_colour = {} if rgb else {"colormap": IMAGE_COLORMAP,
+                                        "contrast_limits": image_contrast(imageset.class_images)}
         layers.append((mosaic, {"name": "class means", "rgb": rgb, "scale": scale, "translate": translate,
-                                "metadata": _meta("class-means", imageset), **colour}, "image"))
+                                "metadata": _meta("class-means", imageset), **mosaic_colour}, "image"))
         layers.append(class_names_layer(imageset))
 
+    layers.append((imageset.display_images(), {
+        "name": "expression images", "rgb": rgb, "metadata": _meta("images", imageset), **colour}, "image"))
+
+    # above the images (hidden): switching a density layer on shows it
     if imageset.pixel_map is not None:
         density = imageset.pixel_map.density()
         names = imageset.channel_names
@@ -105,9 +110,6 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
                 "name": f"gene density{suffix}", "colormap": "turbo", "visible": False,
                 "contrast_limits": [0.0, float(max(1, density.max()))], "opacity": 0.8,
                 "metadata": _meta("density", imageset, channel=c)}, "image"))
-
-    layers.append((imageset.display_images(), {
-        "name": "expression images", "rgb": rgb, "metadata": _meta("images", imageset), **colour}, "image"))
 
     if imageset.pixel_map is not None:
         labels, features = pixel_labels(imageset)
@@ -130,11 +132,11 @@ def class_names_layer(imageset: ImageSet) -> tuple:
     return (positions, {
         "name": "class names", "scale": scale, "translate": translate, "size": 0.1,
         "face_color": "transparent", "border_width": 0, "features": pd.DataFrame({"name": names}),
-        "text": {"string": "{name}", "anchor": "lower_left", "size": 9, "color": "#dddddd"},
+        "text": {"string": "{name}", "anchor": "lower_left", "size": 8, "color": "#dddddd"},
         "metadata": _meta("class-names", imageset)}, "points")
 
 
-def _short(name: str, limit: int = 24) -> str:
+def _short(name: str, limit: int = 16) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 

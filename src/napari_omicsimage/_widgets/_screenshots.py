@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-WINDOW = (1600, 1000)
+WINDOW = (1680, 1050)
 
 
 def _settle(app, seconds: float = 0.6) -> None:
@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     session.go_to_sample(sample)
     _settle(app, 1.0)
     viewer.reset_view()  # now that the window has its final size
+    from ..demo import _share_dock_height
+
+    _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.66)
 
     # 1. overview: saliency over the image, hovering the most salient gene, tooltip + inspector
     saliency_widget = raise_dock("5 Saliency")
@@ -165,12 +168,15 @@ def main(argv=None) -> int:
     save("annotate_widget.png")
 
     # 7. inspector on a crowded pixel of the class-means mosaic
+    raise_dock("1 Data")
+    _share_dock_height(viewer, docks["1 Data"][0], docks["Gene inspector"][0], 0.4)
     mosaic = session.layer("class-means")
     k = imageset.classes.index(monocyte)
     top_r, top_c = imageset.mosaic.origin(k)
     hover(mosaic, top_r + crowded[0], top_c + crowded[1])
     save("inspector_class_means.png", screen=True)
     QToolTip.hideText()
+    _share_dock_height(viewer, docks["1 Data"][0], docks["Gene inspector"][0], 0.66)
 
     # 8. training from the widget: progress while it runs, curves and confusion matrix at the end
     train = raise_dock("3 Train / evaluate")

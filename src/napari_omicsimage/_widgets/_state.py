@@ -142,6 +142,7 @@ class OmicsSession:
     def show_imageset(self, imageset: ImageSet) -> None:
         """Replace the omicsimage layers by those of ``imageset`` (hand-drawn regions stay)."""
         viewer = self.viewer
+        sample = self.current_sample()
         keep_regions = [layer for layer in viewer.layers if L.role_of(layer) == "regions"]
         self._remove_layers(lambda layer: L.role_of(layer) not in (None, "regions"))
         self.imageset = imageset
@@ -154,6 +155,8 @@ class OmicsSession:
             layer.metadata[L.META_KEY]["imageset"] = imageset
             # keep drawn regions on top of the new images
             viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
+        if 0 < sample < imageset.n_samples:
+            self.go_to_sample(sample)  # same data shown anew (e.g. through a model): stay on the sample
         self._after_images_shown()
 
     def _after_images_shown(self) -> None:
@@ -166,9 +169,10 @@ class OmicsSession:
             viewer.layers.selection.active = images
         viewer.reset_view()
         overlay = viewer.canvas.overlays.text
+        # top right: the sample image sits top left and the class means below it, so that corner is free
         overlay.visible = True
-        overlay.position = "top_left"
-        overlay.font_size = 11
+        overlay.position = "top_right"
+        overlay.font_size = 10
         overlay.color = "white"
         if self.imageset is not None:
             self.imageset.current_sample = self.current_sample()

@@ -173,7 +173,8 @@ class AnnotateWidget(QWidget):
         n_regions = frame["region"].nunique() if len(frame) else 0
         self.context.setText(f"{len(frame)} gene(s) in {n_regions} region(s) of {layer.name!r}; "
                              f"values for {context}, ranked by {ranked}.")
-        fill_table(self.table, frame, COLUMNS)
+        columns = COLUMNS if self.session.imageset.n_channels > 1 else [c for c in COLUMNS if c != "channel"]
+        fill_table(self.table, frame, columns)
 
     def _row_selected(self) -> None:
         rows = self.table.selectionModel().selectedRows()

@@ -178,6 +178,7 @@ class TrainWidget(QWidget):
             return trained, cv
 
         self._cancel.clear()
+        self._clear_figures()
         self.metric_rows = []
         self.metrics_table.setRowCount(0)
         self.summary.setText("")
@@ -278,6 +279,12 @@ class TrainWidget(QWidget):
             self.progress.setValue(self.progress.maximum())
 
     # ------------------------------------------------------------ figures
+    def _clear_figures(self) -> None:
+        if self.figure_canvas is not None:
+            self.figure_box.removeWidget(self.figure_canvas)
+            self.figure_canvas.deleteLater()
+            self.figure_canvas = None
+
     def show_figures(self, trained, cv) -> None:
         """Loss curves and the confusion matrix under the metrics table."""
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -308,9 +315,7 @@ class TrainWidget(QWidget):
             confusion_ax.set_xlabel("predicted", fontsize=7)
             confusion_ax.set_ylabel("true", fontsize=7)
             confusion_ax.set_title(title, fontsize=7)
-        if self.figure_canvas is not None:
-            self.figure_box.removeWidget(self.figure_canvas)
-            self.figure_canvas.deleteLater()
+        self._clear_figures()
         self.figure = figure
         self.figure_canvas = FigureCanvasQTAgg(figure)
         self.figure_canvas.setMinimumHeight(260)
