@@ -155,3 +155,13 @@ def test_published_rgb_method_trains_on_its_fitted_images():
     assert trained.layout.n_channels == 3 and len(trained.history) == 2
     frame = trained.predict(adata[36:].copy())  # new samples: each reducer's out-of-sample transform
     assert len(frame) == 9 and np.allclose(frame.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
+
+
+def test_one_sample_stragglers_are_skipped_but_batch_size_one_trains():
+    adata, _ = make_planted(n_samples=33, n_genes=16)
+    trained = train(adata, "label", GRID, _config(epochs=2, batch_size=16))  # batches of 16, 16 and 1
+    assert all(len(h["batch_losses"]) == 2 for h in trained.history)
+    with pytest.raises(OmicsInputError, match="--batch-size 2"):
+        train(adata[:6].copy(), "label", GRID, _config(epochs=1, batch_size=1))  # 4×4 images
+    single = train(adata[:6].copy(), "label", {"method": "grid", "size": 8}, _config(epochs=1, batch_size=1))
+    assert len(single.history[0]["batch_losses"]) == 6

@@ -207,8 +207,7 @@ def cmd_explain(args) -> int:
     if not trained.layout.has_gene_map:
         raise OmicsInputError(_NO_GENE_MAP)
     adata, label_column = load_input(args, require_labels=False)
-    trained.prepare(adata, **_max_missing(args))  # refuse early when too many genes are missing
-    result = explain(trained, adata, args.method, label_column)
+    result = explain(trained, adata, args.method, label_column, **_max_missing(args))
     _report_missing(trained)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -259,17 +259,20 @@ class Explanation:
                           else self.gene_gradients[members].mean(axis=0))
 
 
-def explain(trained, adata, method: str = "gradient", label_column: str | None = None, **options) -> Explanation:
+def explain(trained, adata, method: str = "gradient", label_column: str | None = None, *,
+            max_missing_fraction: float | None = None, **options) -> Explanation:
     """Saliency of every sample in ``adata`` for its predicted class, grouped by class.
 
     With ``label_column`` a class's members are its *correctly predicted*
     samples (the paper's class-level maps); without labels, the samples
     predicted as that class.  Classes with no member are left out (a warning
-    says which).
+    says which).  ``options`` go to :func:`saliency`; ``max_missing_fraction``
+    to gene alignment (see ``TrainedModel.prepare``).
     """
     from .training import ImageBatches, class_indices, predict_proba
 
-    x, images = trained.prepare(adata)
+    prepare_options = {} if max_missing_fraction is None else {"max_missing_fraction": max_missing_fraction}
+    x, images = trained.prepare(adata, **prepare_options)
     batches = ImageBatches(trained.device, images=images)
     proba = predict_proba(trained.model, batches, mixed_precision=False)
     predicted = proba.argmax(1)

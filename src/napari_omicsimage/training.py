@@ -213,14 +213,24 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
         batch_losses, correct, seen = [], 0, 0
         for b in range(n_batches):
             index = order[b * batch_size:(b + 1) * batch_size]
-            if len(index) == 1 and n > 1:
-                # BatchNorm cannot train on one sample; fold the straggler into training next epoch
+            if len(index) == 1 and batch_size > 1:
+                # a one-sample straggler can break BatchNorm (one value per channel on small feature
+                # maps); the sample is in another batch next epoch, as shuffling changes the order
                 continue
             optimiser.zero_grad(set_to_none=True)
             images = batches.get(index)  # rendered in float32: sparse kernels have no float16 version
-            with _autocast(device, use_amp):
-                logits = model(images)
-                loss = loss_fn(logits.float(), targets[index])
+            try:
+                with _autocast(device, use_amp):
+                    logits = model(images)
+                    loss = loss_fn(logits.float(), targets[index])
+            except ValueError as exc:
+                if "more than 1 value per channel" not in str(exc):
+                    raise
+                raise OmicsInputError(
+                    f"a batch of {len(index)} image(s) of {tuple(images.shape[2:])} pixels leaves the "
+                    f"{config.model} network's BatchNorm one value per channel; use --batch-size 2 or more, "
+                    "or larger images (--size)."
+                ) from exc
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimiser)
