@@ -13,11 +13,25 @@ import pandas as pd
 import pytest
 
 from napari_omicsimage._hover import ImageSet, Mosaic, SaliencyView, pixel_genes
-from napari_omicsimage._reader import _is_result_table, guess_label_column, napari_get_reader
-from napari_omicsimage._regions import (Regions, is_regions_file, load_regions, region_gene_table,
-                                         save_regions, shape_mask)
-from napari_omicsimage._writer import (image_gene_table, write_labels_regions, write_shapes_genes,
-                                       write_shapes_regions)
+from napari_omicsimage._reader import (
+    _is_result_table,
+    guess_label_column,
+    napari_get_reader,
+)
+from napari_omicsimage._regions import (
+    Regions,
+    is_regions_file,
+    load_regions,
+    region_gene_table,
+    save_regions,
+    shape_mask,
+)
+from napari_omicsimage._writer import (
+    image_gene_table,
+    write_labels_regions,
+    write_shapes_genes,
+    write_shapes_regions,
+)
 from napari_omicsimage.errors import OmicsInputError
 from napari_omicsimage.pipeline import imagify
 

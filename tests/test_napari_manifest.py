@@ -62,7 +62,8 @@ def test_built_wheel_carries_the_manifest_and_napari_discovers_it(tmp_path):
     assert "napari_omicsimage:napari.yaml" in zipfile.ZipFile(wheel).read(entry_points_txt).decode()
     import tarfile
 
-    assert any(n.endswith("src/napari_omicsimage/napari.yaml") for n in tarfile.open(sdist).getnames())
+    with tarfile.open(sdist) as archive:
+        assert any(n.endswith("src/napari_omicsimage/napari.yaml") for n in archive.getnames())
 
     # A fresh environment that sees the installed dependencies but none of this checkout.
     env_dir = tmp_path / "venv"

@@ -38,7 +38,7 @@ class Mosaic:
     gap: tuple[int, int]
 
     @classmethod
-    def for_classes(cls, n_classes: int, tile: tuple[int, int]) -> "Mosaic":
+    def for_classes(cls, n_classes: int, tile: tuple[int, int]) -> Mosaic:
         # A little wider than tall (about 1.5 tiles across per row down): under the sample image
         # in a roughly square canvas, that keeps tiles (and their class names) widest.
         n_rows = max(1, round(math.sqrt(n_classes / 1.5)))
@@ -184,7 +184,7 @@ class SaliencyView:
 
     @classmethod
     def from_predictions(cls, method: str, per_sample: np.ndarray, predicted, labels=None,
-                         gene_gradients: np.ndarray | None = None) -> "SaliencyView":
+                         gene_gradients: np.ndarray | None = None) -> SaliencyView:
         """Group samples by class: correctly predicted ones when labels are known (the paper's
         class-level maps), else those predicted as the class."""
         predicted = np.asarray(predicted, dtype=object).astype(str)
@@ -230,7 +230,7 @@ class ImageSet:
             self.classes, self.class_images, self.class_expression, self.mosaic = [], None, None, None
 
     @classmethod
-    def from_imagified(cls, result, label_column: str | None = None) -> "ImageSet":
+    def from_imagified(cls, result, label_column: str | None = None) -> ImageSet:
         layout = result.layout
         return cls(
             images=np.asarray(result.images, dtype=np.float32),
@@ -359,7 +359,7 @@ class ImageSet:
         """
         if self.pixel_map is None:
             return None
-        row, col = int(round(row)), int(round(col))
+        row, col = int(np.rint(row)), int(np.rint(col))
         h, w = self.shape
         if role == "class-means":
             if self.mosaic is None:

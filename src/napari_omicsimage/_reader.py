@@ -63,9 +63,9 @@ def guess_label_column(adata) -> str | None:
         return recorded
     for column in adata.obs.columns:
         values = adata.obs[column]
-        if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
-            if 2 <= values.nunique() <= 50 and values.notna().all():
-                return column
+        categorical = isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object
+        if categorical and 2 <= values.nunique() <= 50 and values.notna().all():
+            return column
     return None
 
 

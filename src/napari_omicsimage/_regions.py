@@ -101,7 +101,7 @@ class Regions:
         return out
 
     @classmethod
-    def from_shapes(cls, data, shape_types, image_shape, names=None) -> "Regions":
+    def from_shapes(cls, data, shape_types, image_shape, names=None) -> Regions:
         names = list(names) if names is not None else [f"region {i + 1}" for i in range(len(data))]
         shapes = [(str(n), str(t), np.asarray(v, dtype=float)[:, -2:]) for n, t, v in zip(names, shape_types, data)]
         return cls(tuple(int(s) for s in image_shape), shapes)

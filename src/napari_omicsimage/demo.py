@@ -147,7 +147,7 @@ def write_demo_outputs(result: DemoResult, out_dir, *, overwrite: bool = False) 
             "layout_description": imageset.description, "model": result.trained.config.model,
             "epochs": len(result.trained.history), "history": [
                 {k: v for k, v in h.items() if k != "batch_losses"} for h in result.trained.history],
-            "n_cells": imageset.n_samples, "n_held_out": int(len(result.held_out)),
+            "n_cells": imageset.n_samples, "n_held_out": len(result.held_out),
             "held_out_accuracy": result.held_out_accuracy, "saliency_method": imageset.saliency.method,
             "class_maps": imageset.saliency.grouping, "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
             "top_genes": {name: table["gene"].head(5).tolist() for name, table in result.class_tables.items()},
@@ -206,7 +206,6 @@ def plot_sample_images(imageset, path) -> Path:
 def plot_saliency(imageset, class_tables: dict, path, top: int = 3) -> Path:
     """Each cell type's mean saliency over its mean image, its top genes marked and named."""
     from ._hover import relative
-    from ._widgets._layers import IMAGE_COLORMAP
 
     view = imageset.saliency
     names = [c for c in imageset.classes if c in view.per_class]

@@ -10,8 +10,18 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import (QGroupBox, QHeaderView, QLabel, QProgressBar, QTableWidget, QTableWidgetItem,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QFrame,
+    QGroupBox,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QScrollArea,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..errors import OmicsInputError
 
@@ -51,6 +61,24 @@ def group(title: str, *widgets_or_layouts) -> QGroupBox:
         else:
             layout.addLayout(item)
     return box
+
+
+def scroll_layout(widget: QWidget) -> QVBoxLayout:
+    """A vertical layout inside a scroll area filling ``widget``.
+
+    napari stacks dock widgets; without scrolling, a tall widget (the Train
+    widget with its figures) sets a minimum height that squeezes its
+    neighbours, such as the gene inspector, to nothing.
+    """
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    inner = QWidget()
+    area.setWidget(inner)
+    outer.addWidget(area)
+    return QVBoxLayout(inner)
 
 
 def wrapped_label(text: str = "") -> QLabel:

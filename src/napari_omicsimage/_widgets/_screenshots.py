@@ -173,7 +173,10 @@ def main(argv=None) -> int:
     mosaic = session.layer("class-means")
     k = imageset.classes.index(monocyte)
     top_r, top_c = imageset.mosaic.origin(k)
-    hover(mosaic, top_r + crowded[0], top_c + crowded[1])
+    # a crowded pixel that monocytes express: the interesting kind to list
+    busy = (imageset.pixel_map.density()[0] >= 3) * imageset.class_images[k, 0]
+    pixel = np.unravel_index(np.argmax(busy), imageset.shape)
+    hover(mosaic, top_r + pixel[0], top_c + pixel[1])
     save("inspector_class_means.png", screen=True)
     QToolTip.hideText()
     _share_dock_height(viewer, docks["1 Data"][0], docks["Gene inspector"][0], 0.66)

@@ -28,10 +28,10 @@ from . import _layers as L
 #: layer roles whose hover text names genes
 HOVER_ROLES = ("images", "class-means", "density", "saliency", "pixel-genes")
 
-_SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def get_session(viewer) -> "OmicsSession":
+def get_session(viewer) -> OmicsSession:
     """The session of ``viewer``, created on first use."""
     session = _SESSIONS.get(viewer)
     if session is None:
@@ -40,7 +40,7 @@ def get_session(viewer) -> "OmicsSession":
     return session
 
 
-def session_for_current_viewer() -> "OmicsSession | None":
+def session_for_current_viewer() -> OmicsSession | None:
     """The current viewer's session (reader and sample data use it so hover works without widgets)."""
     try:
         import napari

@@ -6,12 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QPushButton,
+    QWidget,
+)
 
 from .._regions import Regions, load_regions, save_regions
 from ..errors import OmicsInputError
 from . import _layers as L
-from ._common import fill_table, group, make_table, report_error, report_info, wrapped_label
+from ._common import (
+    fill_table,
+    group,
+    make_table,
+    report_error,
+    report_info,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 COLUMNS = ["region", "rank", "gene", "saliency", "expression", "channel", "row", "col"]
@@ -55,7 +69,7 @@ class AnnotateWidget(QWidget):
         files.addWidget(self.save_button)
         files.addWidget(self.load_button)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(group("Region layer", self.layer_combo, buttons))
         layout.addWidget(group("Genes inside each region (most salient first)", self.context, self.table))
         layout.addLayout(files)
@@ -74,9 +88,7 @@ class AnnotateWidget(QWidget):
         out = []
         for layer in self.viewer.layers:
             role = L.role_of(layer)
-            if isinstance(layer, Shapes) and role in (None, "regions"):
-                out.append(layer)
-            elif isinstance(layer, Labels) and role in (None, "regions"):
+            if isinstance(layer, Shapes) and role in (None, "regions") or isinstance(layer, Labels) and role in (None, "regions"):
                 out.append(layer)
         return out
 

@@ -5,14 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from .._reader import guess_label_column
 from ..errors import OmicsInputError
 from ..io import SAMPLE_DATASETS, load_sample_data, read_expression
 from ..preprocess import PreprocessConfig
-from ._common import fill_table, group, make_table, report_error, wrapped_label
+from ._common import (
+    fill_table,
+    group,
+    make_table,
+    report_error,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 ORIENTATIONS = {"detect automatically": "auto", "genes in rows": "genes-in-rows",
@@ -80,7 +95,7 @@ class DataWidget(QWidget):
         for signal in (self.scale_combo.currentTextChanged, self.top_genes.valueChanged, self.min_genes.valueChanged):
             signal.connect(self._preprocessing_changed)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(group("Open", open_row, self.labels_path_label, orientation_form, sample_row))
         layout.addWidget(group("Samples and classes", self.summary, label_form, self.class_table))
         layout.addWidget(group("Preprocessing (used by Imagify and Train)", pre_form))

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
 
 from ..layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
 from ..pipeline import imagify
-from ._common import BackgroundTask, Relay, group, progress_bar, report_error, report_info, wrapped_label
+from ._common import (
+    BackgroundTask,
+    Relay,
+    group,
+    progress_bar,
+    report_error,
+    report_info,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 METHOD_HELP = {
@@ -68,7 +84,7 @@ class ImagifyWidget(QWidget):
         self.caption = wrapped_label("")
         self.notes = wrapped_label("")
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(group("Layout", form))
         layout.addLayout(buttons)
         layout.addWidget(self.progress)

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QWidget
 
 from ..errors import OmicsInputError
-from ._common import fill_table, group, make_table, report_error, wrapped_label
+from ._common import (
+    fill_table,
+    group,
+    make_table,
+    report_error,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 COLUMNS = ["sample", "label", "predicted", "probability", "correct"]
@@ -40,7 +47,7 @@ class LoadModelWidget(QWidget):
         self.table.setMinimumHeight(200)
         self.table.itemSelectionChanged.connect(self._row_selected)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addLayout(buttons)
         layout.addWidget(group("Model", self.model_summary))
         layout.addWidget(group("Predictions (click a row to show that sample)", self.prediction_summary, self.table))

@@ -7,12 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QPushButton,
+    QWidget,
+)
 
 from .._hover import SaliencyView
 from ..errors import OmicsInputError
-from ._common import (BackgroundTask, Relay, fill_table, group, make_table, progress_bar, report_error,
-                      report_info, wrapped_label)
+from ._common import (
+    BackgroundTask,
+    Relay,
+    fill_table,
+    group,
+    make_table,
+    progress_bar,
+    report_error,
+    report_info,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 FOLLOW_SLIDER = "each sample (follows the slider)"
@@ -68,7 +85,7 @@ class SaliencyWidget(QWidget):
         self.export_button = QPushButton("Export gene table (CSV)…")
         self.export_button.clicked.connect(self._choose_export)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(group("Saliency", form))
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
@@ -107,7 +124,7 @@ class SaliencyWidget(QWidget):
         def work():
             import torch
 
-            from ..explain import gene_gradient, saliency, signed_gradient
+            from ..explain import gene_gradient, signed_gradient
 
             model = trained.model
             model.eval()

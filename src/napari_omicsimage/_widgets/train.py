@@ -6,12 +6,30 @@ import threading
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton,
-                            QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..errors import OmicsInputError
-from ._common import (BackgroundTask, Relay, group, make_table, progress_bar, report_error, report_info,
-                      wrapped_label)
+from ._common import (
+    BackgroundTask,
+    Relay,
+    group,
+    make_table,
+    progress_bar,
+    report_error,
+    report_info,
+    scroll_layout,
+    wrapped_label,
+)
 from ._state import get_session
 
 MODEL_HELP = {"small": "small CNN: trains in seconds on a CPU", "resnet18": "ResNet-18 (slow on a CPU)",
@@ -93,7 +111,7 @@ class TrainWidget(QWidget):
         self.save_button.setEnabled(False)
         self.save_button.clicked.connect(self._choose_save)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(group("Model and protocol", form, self.layout_note))
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
