@@ -90,7 +90,9 @@ def saliency(model, images, method: str = "gradient", target=None, *, batch_size
     device = _model_device(model)
     targets_all = None if target is None else np.broadcast_to(np.asarray(target), (len(images),))
     out = np.empty_like(images)
-    with torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
+    cuda_ids = [] if device.type != "cuda" else [device.index if device.index is not None
+                                                  else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_ids):  # seeding here leaves the caller's RNG state alone
         torch.manual_seed(seed)  # SmoothGrad's noise: same call, same map
         for start in range(0, len(images), batch_size):
             stop = min(start + batch_size, len(images))
