@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,11 @@ def run_demo(*, epochs: int = DEMO_EPOCHS, device: str = "auto", say: Callable[[
     timings["train_s"] = time.perf_counter() - started
 
     step = time.perf_counter()
-    explanation = explain(trained, adata, SALIENCY_METHOD, label_column)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = explain(trained, adata, SALIENCY_METHOD, label_column)
+    for warning in caught:  # e.g. a cell type that no cell was correctly predicted as
+        say(f"note: {warning.message}")
     timings["saliency_s"] = time.perf_counter() - step
     predictions = pd.DataFrame({"sample": explanation.samples, "predicted": explanation.predicted})
     for k, name in enumerate(explanation.classes):

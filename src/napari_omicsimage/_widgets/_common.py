@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QFrame,
     QGroupBox,
@@ -63,6 +63,24 @@ def group(title: str, *widgets_or_layouts) -> QGroupBox:
     return box
 
 
+class _VerticalScrollArea(QScrollArea):
+    """Scrolls vertically only, and asks for the full width of its content."""
+
+    def __init__(self):
+        super().__init__()
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+    def _extra_width(self) -> int:
+        return self.verticalScrollBar().sizeHint().width() + 2
+
+    def sizeHint(self) -> QSize:
+        hint = self.widget().sizeHint()
+        return QSize(hint.width() + self._extra_width(), min(hint.height(), 700))
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(self.widget().minimumSizeHint().width() + self._extra_width(), 120)
+
+
 def scroll_layout(widget: QWidget) -> QVBoxLayout:
     """A vertical layout inside a scroll area filling ``widget``.
 
@@ -72,7 +90,7 @@ def scroll_layout(widget: QWidget) -> QVBoxLayout:
     """
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
-    area = QScrollArea()
+    area = _VerticalScrollArea()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)
     inner = QWidget()
@@ -135,7 +153,7 @@ def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | No
             table.setItem(r, c, item)
     table.resizeColumnsToContents()
     for c in range(table.columnCount()):
-        table.setColumnWidth(c, min(table.columnWidth(c), 180))
+        table.setColumnWidth(c, min(table.columnWidth(c), 150))
 
 
 def table_column(table: QTableWidget, name: str) -> list[str]:

@@ -75,6 +75,19 @@ def mosaic_transform(imageset: ImageSet) -> tuple[tuple[float, float], tuple[flo
     return (TILE_SCALE, TILE_SCALE), (1.05 * h, 0.0)
 
 
+def density_colormap(max_genes: int):
+    """turbo for 1…``max_genes`` genes per pixel, black for empty pixels (turbo's own low end is violet)."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import Colormap
+
+    top = max(int(max_genes), 1)
+    steps = np.linspace(0.0, 1.0, 32)
+    colours = np.vstack([[0.0, 0.0, 0.0, 1.0], colormaps["turbo"](steps)])
+    # one gene sits at 1/top of the contrast range; anything below half a gene is empty
+    controls = np.concatenate([[0.0], 0.5 / top + steps * (1.0 - 0.5 / top)])
+    return Colormap(colours, controls=controls, name=f"omicsimage density 0-{top}")
+
+
 def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tuple]:
     """Layer data tuples ``(data, kwargs, type)`` for the images of ``imageset``, bottom first.
 
@@ -107,8 +120,8 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
         for c in range(density.shape[0]):
             suffix = f" {names[c]}" if names[c] else ""
             layers.append((density[c].astype(np.float32), {
-                "name": f"gene density{suffix}", "colormap": "turbo", "visible": False,
-                "contrast_limits": [0.0, float(max(1, density.max()))], "opacity": 0.8,
+                "name": f"gene density{suffix}", "colormap": density_colormap(int(density.max())),
+                "visible": False, "contrast_limits": [0.0, float(max(1, density.max()))], "opacity": 0.85,
                 "metadata": _meta("density", imageset, channel=c)}, "image"))
 
     if imageset.pixel_map is not None:

@@ -71,8 +71,13 @@ def main(argv=None) -> int:
     imageset = session.imageset
     canvas = viewer.window._qt_viewer.canvas.native
 
+    last_hover: list = []
+
     def save(name: str, *, screen: bool = False) -> None:
         _settle(app)
+        if screen and last_hover:
+            hover(*last_hover[-1], settle=False)  # a repaint elsewhere may have hidden the tooltip
+            _settle(app, 0.15)
         path = args.out / name
         if screen:  # the screen under the window: includes tooltip pop-ups, which are separate windows
             frame = window.frameGeometry()
@@ -89,8 +94,11 @@ def main(argv=None) -> int:
         _settle(app, 0.3)
         return widget
 
-    def hover(layer, row: float, col: float, sample: int | None = None, tooltip: bool = True) -> None:
+    def hover(layer, row: float, col: float, sample: int | None = None, tooltip: bool = True,
+              settle: bool = True) -> None:
         """Put the cursor on a pixel: status bar, inspector and (optionally) the tooltip follow."""
+        if settle:
+            last_hover.append((layer, row, col, sample, tooltip))
         viewer.layers.selection.active = layer
         world = layer.data_to_world((row, col)) if layer.ndim == 2 else layer.data_to_world((sample, row, col))[-2:]
         position = (viewer.dims.current_step[0], *world)
@@ -105,7 +113,8 @@ def main(argv=None) -> int:
             screen = size / 2 + offset
             point = canvas.mapToGlobal(QPoint(int(screen[1]), int(screen[0])))
             QToolTip.showText(point + QPoint(14, 14), viewer.tooltip.text, canvas)
-        _settle(app)
+        if settle:
+            _settle(app)
 
     # pick a held-out, correctly predicted monocyte: the caption then reads "✓ [held out]"
     predictions = imageset.predictions.reindex(imageset.samples)
@@ -127,6 +136,7 @@ def main(argv=None) -> int:
     hover(session.layer("images"), top["row"], top["col"], sample)
     save("overview.png", screen=True)
     QToolTip.hideText()
+    last_hover.clear()
 
     # 2. data widget
     raise_dock("1 Data")
@@ -179,6 +189,7 @@ def main(argv=None) -> int:
     hover(mosaic, top_r + pixel[0], top_c + pixel[1])
     save("inspector_class_means.png", screen=True)
     QToolTip.hideText()
+    last_hover.clear()
     _share_dock_height(viewer, docks["1 Data"][0], docks["Gene inspector"][0], 0.66)
 
     # 8. training from the widget: progress while it runs, curves and confusion matrix at the end

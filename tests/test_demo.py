@@ -1,0 +1,100 @@
+"""``omicsimage demo``: headless files (without Qt) and the napari window with everything ready."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import napari_omicsimage._widgets  # noqa: F401  (keeps triton out before napari creates a GL context)
+from napari_omicsimage.cli import main
+
+#: a layout that fits in a fraction of a second, so tests need not wait for t-SNE
+QUICK = {"method": "grid", "size": None, "order": "cluster"}
+
+#: the README's command run through the CLI entry point, then a look at what got imported
+HEADLESS_SCRIPT = """
+import sys
+from napari_omicsimage.cli import main
+code = main(["demo", "--headless", "--out", {out!r}])
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("PyQt5", "PyQt6", "PySide2", "PySide6", "qtpy", "napari"))
+print("QT_MODULES", leaked)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    from napari_omicsimage.demo import run_demo
+
+    return run_demo(epochs=1, layout_spec=QUICK, say=lambda *_: None)
+
+
+def test_demo_cli_refuses_bad_output_options(tmp_path, capsys):
+    assert main(["demo", "--headless"]) == 2
+    assert "--headless writes files: give --out DIR" in capsys.readouterr().err
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    assert main(["demo", "--headless", "--out", str(existing)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "x")]) == 2
+    assert "--out is for --headless" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_headless_demo_writes_everything_without_qt(tmp_path):
+    """``omicsimage demo --headless --out DIR`` as a user runs it: t-SNE DeepInsight layout, 8 epochs."""
+    out = tmp_path / "demo_out"
+    done = subprocess.run([sys.executable, "-c", HEADLESS_SCRIPT.format(out=str(out))], capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "QT_MODULES []" in done.stdout, done.stdout
+    assert f"wrote images, model, saliency, gene tables and figures to {out}" in done.stdout
+    expected = {"images.npy", "saliency.npy", "model.pt", "layout.npz", "pixel_genes.csv", "predictions.csv",
+                "class_gene_tables.csv", "summary.json", "sample_images.png", "saliency.png", "density.png"}
+    assert expected == {p.name for p in out.iterdir()}
+    images, saliency = np.load(out / "images.npy"), np.load(out / "saliency.npy")
+    assert images.shape == saliency.shape == (700, 1, 32, 32)
+    assert (saliency >= 0).all() and saliency.max() > 0
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == 700 and (predictions["split"] == "held out").sum() == 140
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layout"]["method"] == "deepinsight" and summary["epochs"] == 8
+    assert summary["held_out_accuracy"] > 0.6  # 10 cell types; the largest class is 34 % of cells
+    held_out = predictions[predictions["split"] == "held out"]
+    assert summary["held_out_accuracy"] == pytest.approx((held_out["label"] == held_out["predicted"]).mean())
+    genes = pd.read_csv(out / "class_gene_tables.csv")
+    assert {"cell_type", "rank", "gene", "saliency", "expression"} <= set(genes.columns)
+    # biology check: the genes that explain monocytes include known monocyte genes
+    monocyte_top = set(genes[genes["cell_type"] == "CD14+ Monocyte"].head(10)["gene"])
+    assert monocyte_top & {"LST1", "AIF1", "FCN1", "TYROBP", "S100A8", "S100A9", "LYZ", "CST3", "FCER1G", "TIMP1",
+                           "LGALS3", "TYMP", "CD14", "FCGR3A", "SERPINA1", "COTL1", "CPVL", "FPR1"}
+    for name in ("sample_images.png", "saliency.png", "density.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
+    from napari_omicsimage.checkpoint import load_checkpoint
+
+    assert len(load_checkpoint(out / "model.pt").classes) == 10
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_result):
+    from napari_omicsimage._widgets._state import get_session
+    from napari_omicsimage.demo import show_demo
+
+    viewer = make_napari_viewer()
+    viewer, docks = show_demo(quick_result, viewer=viewer, run=False)
+    names = {layer.name for layer in viewer.layers}
+    assert {"expression images", "class means", "gene density", "gene pixels", "saliency (gradient)"} <= names
+    assert set(docks) == {"1 Data", "2 Imagify", "3 Train / evaluate", "4 Load model", "5 Saliency",
+                          "Annotate regions", "Gene inspector"}
+    session = get_session(viewer)
+    assert session.trained is quick_result.trained and session.adata.n_obs == 700
+    assert "[held out]" in viewer.canvas.overlays.text.text or "[training]" in viewer.canvas.overlays.text.text
+    saliency_widget = docks["5 Saliency"][1]
+    top = saliency_widget.table_frame.iloc[0]
+    status = session.layer("saliency").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
+    assert top["gene"] in status and "saliency" in status
+    assert docks["3 Train / evaluate"][1].metrics_table.rowCount() == len(quick_result.trained.history)
