@@ -222,3 +222,32 @@ def test_writers_for_regions_and_gene_tables(tmp_path, known_adata):
         write_shapes_genes(str(tmp_path / "x.csv"), square, {"shape_type": ["rectangle"]})
     whole = image_gene_table(imageset)
     assert len(whole) == 16 and whole["shown"].iloc[0] == "sample s4 (B)"
+
+
+def test_rgb_images_show_as_rgb_with_one_density_layer_per_channel(known_adata):
+    from napari_omicsimage._widgets._layers import image_layers
+
+    result = imagify(known_adata, "rgb-layouts", size=6, label_column="cell_type",
+                     layout_params={"extractors": ("pca", "pca", "pca")})
+    imageset = ImageSet.from_imagified(result, "cell_type")
+    assert imageset.display_images().shape == (24, 6, 6, 3) and imageset.channel_names == ["R", "G", "B"]
+    layers = {kwargs["name"]: (data, kwargs) for data, kwargs, _ in image_layers(imageset)}
+    assert layers["expression images"][1]["rgb"] is True
+    assert {"gene density R", "gene density G", "gene density B"} <= set(layers)
+    row, col = imageset.pixel_map.gene_pixels[1, 0]
+    report = imageset.report("images", row, col, sample=0)
+    assert "G00" in report.genes and "G: " in report.status()
+
+
+def test_images_without_a_gene_map_show_but_name_no_genes(known_adata):
+    from napari_omicsimage._widgets._layers import image_layers
+
+    images = np.random.default_rng(0).random((24, 3, 8, 8)).astype(np.float32)
+    imageset = ImageSet(images=images, samples=list(known_adata.obs_names),
+                        labels=known_adata.obs["cell_type"].to_numpy(), expression=known_adata.X,
+                        pixel_map=None, description="published RGB embedding")
+    names = [kwargs["name"] for _, kwargs, _ in image_layers(imageset)]
+    assert names == ["class means", "class names", "expression images"]
+    assert imageset.report("images", 2, 2, sample=0) is None
+    with pytest.raises(OmicsInputError, match="no gene map"):
+        imageset.gene_table()

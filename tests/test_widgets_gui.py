@@ -77,6 +77,29 @@ def test_data_and_imagify_widgets_build_the_layers(make_napari_viewer, qtbot, h5
     assert imagify.status.text().startswith("showing: grid")
 
 
+def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_path, tmp_path):
+    import anndata as ad
+
+    adata = ad.read_h5ad(h5ad_path)
+    expression = tmp_path / "genes_by_samples.csv"
+    adata.to_df().T.to_csv(expression)  # genes in rows, as many public tables are
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"sample": adata.obs_names, "batch": ["b1"] * 59 + [""],
+                  "cell_type": adata.obs["cell_type"].astype(str)}).to_csv(labels, index=False)
+    viewer = make_napari_viewer()
+    data = DataWidget(viewer)
+    assert data.load_path(expression)
+    session = get_session(viewer)
+    assert session.adata.shape == (60, 64) and session.label_column is None
+    assert "genes detected in rows" in data.summary.text() and "no labels chosen" in data.summary.text()
+    assert data.set_labels_table(labels)
+    # "batch" has a missing value, so the class column is the first usable one; both are offered
+    assert session.label_column == "cell_type" and data.label_combo.currentText() == "cell_type"
+    assert table_column(data.class_table, "samples") == ["30", "30"]
+    data.label_combo.setCurrentText("batch")  # one class and a blank: refused with a notification
+    assert session.label_column == "cell_type" and data.label_combo.currentText() == "cell_type"
+
+
 def test_hover_names_the_known_genes_in_status_tooltip_and_inspector(make_napari_viewer, qtbot, h5ad_path):
     viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
     inspector = GeneInspectorWidget(viewer)

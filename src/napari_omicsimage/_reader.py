@@ -69,7 +69,8 @@ def guess_label_column(adata) -> str | None:
     return None
 
 
-def expression_layers(adata, label_column: str | None, source: str, layout_spec: dict | None = None) -> list:
+def expression_layers(adata, label_column: str | None, source: str, layout_spec: dict | None = None,
+                      path: str | None = None) -> list:
     """Imagify ``adata`` with a quick layout and build its layers (reader and sample data share this)."""
     from ._hover import ImageSet
     from ._widgets._layers import image_layers
@@ -81,7 +82,7 @@ def expression_layers(adata, label_column: str | None, source: str, layout_spec:
     result = imagify(adata, spec["method"], size=spec["size"], label_column=label_column, layout_params=params)
     imageset = ImageSet.from_imagified(result, label_column)
     payload = DataPayload(adata=adata, label_column=label_column, source=source, imagified=result,
-                          layout_spec=spec)
+                          layout_spec=spec, path=path)
     # attach the session now, so hovering works even before any omicsimage widget is opened
     session_for_current_viewer()
     return image_layers(imageset, payload=payload)
@@ -92,7 +93,7 @@ def read_expression_layers(path) -> list:
 
     path = path[0] if isinstance(path, (list, tuple)) else path
     adata = read_expression(path)
-    return expression_layers(adata, guess_label_column(adata), Path(path).name)
+    return expression_layers(adata, guess_label_column(adata), Path(path).name, path=str(path))
 
 
 def regions_layer_data(regions: Regions, name: str) -> list:

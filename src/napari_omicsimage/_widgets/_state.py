@@ -60,6 +60,8 @@ class DataPayload:
     source: str
     imagified: object
     layout_spec: dict
+    #: the file read, so a labels table chosen later can be joined by reading it again
+    path: str | None = None
 
 
 class OmicsSession:
@@ -78,6 +80,7 @@ class OmicsSession:
         self.adata = None
         self.label_column: str | None = None
         self.source = ""
+        self.source_path: str | None = None
         self.preprocess = PreprocessConfig()
         self.layout_spec: dict | None = None
         self.imagified = None
@@ -103,11 +106,12 @@ class OmicsSession:
         return viewer
 
     # ----------------------------------------------------------------- data
-    def set_data(self, adata, label_column: str | None, source: str = "") -> None:
+    def set_data(self, adata, label_column: str | None, source: str = "", path: str | None = None) -> None:
         """New expression data: forget images, model and saliency made from the old data."""
         self.adata = adata
         self.label_column = label_column
         self.source = source
+        self.source_path = path
         self.imagified = None
         self.trained = None
         self.training_result = None
@@ -398,6 +402,7 @@ class OmicsSession:
         self.adata = payload.adata
         self.label_column = payload.label_column
         self.source = payload.source
+        self.source_path = payload.path
         self.trained = None
         self.training_result = None
         self.imagified = payload.imagified

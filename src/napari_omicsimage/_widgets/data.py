@@ -38,6 +38,25 @@ NO_LABELS = "(no labels)"
 EXPRESSION_FILTER = "Expression data (*.h5ad *.csv *.tsv *.txt *.csv.gz *.tsv.gz *.txt.gz *.h5 *.mtx *.mtx.gz)"
 
 
+def _first_class_column(labels_path) -> str | None:
+    """For a labels table with several columns: the first that looks like classes (all columns are
+    joined; the label-column menu switches between them)."""
+    if labels_path is None:
+        return None
+    try:
+        frame = pd.read_csv(labels_path, sep="," if str(labels_path).lower().endswith(".csv") else "\t",
+                            dtype=str, keep_default_na=False, na_values=[""], index_col=0)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None  # read_expression reports what is wrong with the file
+    if frame.shape[1] <= 1:
+        return None
+    for column in frame.columns:
+        values = frame[column]
+        if values.notna().all() and 2 <= values.nunique() <= 50:
+            return column
+    return None
+
+
 class DataWidget(QWidget):
     """Open a file or the bundled sample, choose the label column and preprocessing."""
 
@@ -114,19 +133,30 @@ class DataWidget(QWidget):
     def _choose_labels(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Labels table", "", "Tables (*.csv *.tsv *.txt)")
         if path:
-            self._labels_path = path
-            self.labels_path_label.setText(f"labels: {Path(path).name}")
+            self.set_labels_table(path)
+
+    def set_labels_table(self, path: str | Path) -> bool:
+        """Use a labels table; data already opened from a file are read again with it."""
+        self._labels_path = str(path)
+        self.labels_path_label.setText(f"labels: {Path(path).name}")
+        if self.session.source_path is not None:
+            return self.load_path(self.session.source_path, path)
+        return True
 
     def load_path(self, path: str | Path, labels: str | Path | None = None) -> bool:
         """Read an expression file (and optional labels table) into the session."""
         labels = labels if labels is not None else self._labels_path
         try:
             adata = read_expression(path, orientation=ORIENTATIONS[self.orientation_combo.currentText()],
-                                    labels=labels)
+                                    labels=labels, label_column=_first_class_column(labels))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
             report_error(exc)
             return False
-        self.session.set_data(adata, guess_label_column(adata), source=Path(path).name)
+        label_column = guess_label_column(adata)
+        if labels is not None:
+            # the labels table's own column (the first one, or the only one) holds the classes
+            label_column = adata.uns.get("omicsimage", {}).get("label_column", label_column)
+        self.session.set_data(adata, label_column, source=Path(path).name, path=str(path))
         return True
 
     def load_sample(self, name: str = "pbmc68k_reduced") -> bool:

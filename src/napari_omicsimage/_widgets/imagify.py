@@ -207,6 +207,8 @@ class ImagifyWidget(QWidget):
     def _data_changed(self) -> None:
         adata = self.session.adata
         self.run_button.setEnabled(adata is not None and not self.task.running)
+        if adata is not None and self.session.imagified is None and not self.task.running:
+            self.status.setText(f"{adata.n_obs} samples × {adata.n_vars} genes loaded: press Imagify to show them")
         if self.session.layout_spec is not None:
             self.set_layout_spec(self.session.layout_spec)
 
