@@ -81,7 +81,7 @@ def test_headless_demo_writes_everything_without_qt(tmp_path):
 @pytest.mark.gui
 @pytest.mark.slow
 def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_result):
-    from napari_omicsimage._widgets._state import get_session
+    from napari_omicsimage._widgets._state import get_session, text_overlay
     from napari_omicsimage.demo import show_demo
 
     viewer = make_napari_viewer()
@@ -92,7 +92,7 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
                           "Annotate regions", "Gene inspector"}
     session = get_session(viewer)
     assert session.trained is quick_result.trained and session.adata.n_obs == 700
-    assert "[held out]" in viewer.canvas.overlays.text.text or "[training]" in viewer.canvas.overlays.text.text
+    assert "[held out]" in text_overlay(viewer).text or "[training]" in text_overlay(viewer).text
     saliency_widget = docks["5 Saliency"][1]
     top = saliency_widget.table_frame.iloc[0]
     status = session.layer("saliency").get_status((0, top["row"], top["col"]), world=True)["coordinates"]

@@ -11,7 +11,7 @@ import pytest
 
 import napari_omicsimage._widgets  # noqa: F401  (keeps triton out before napari creates a GL context)
 from napari_omicsimage._widgets._common import table_column
-from napari_omicsimage._widgets._state import get_session
+from napari_omicsimage._widgets._state import get_session, text_overlay
 from napari_omicsimage._widgets.annotate import AnnotateWidget
 from napari_omicsimage._widgets.data import DataWidget
 from napari_omicsimage._widgets.imagify import ImagifyWidget
@@ -73,7 +73,7 @@ def test_data_and_imagify_widgets_build_the_layers(make_napari_viewer, qtbot, h5
     assert b_mean[0].mean() > b_mean[1:].mean()
     viewer.dims.set_current_step(0, 7)
     assert "sample 8/60: cell07" in imagify.caption.text() and "cell_type: B" in imagify.caption.text()
-    assert viewer.canvas.overlays.text.text == imagify.caption.text()
+    assert text_overlay(viewer).text == imagify.caption.text()
     assert imagify.status.text().startswith("showing: grid")
 
 
@@ -236,7 +236,7 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     assert "cross-validation (2 folds): accuracy" in train.summary.text()
     # predictions shown beside each sample are the out-of-fold ones
     assert session.imageset.predictions.index.tolist() == cv.predictions["sample"].tolist()
-    assert "predicted:" in viewer.canvas.overlays.text.text
+    assert "predicted:" in text_overlay(viewer).text
 
     checkpoint = train.save(tmp_path / "model.pt")
     assert checkpoint is not None and (tmp_path / "model.pt").exists()

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     window.move(0, 0)
     viewer, docks = show_demo(result, viewer=viewer, run=False)
     app = QApplication.instance()
-    from ._state import get_session
+    from ._state import _camera, get_session
 
     session = get_session(viewer)
     imageset = session.imageset
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         viewer.update_status_from_cursor()
         if tooltip:
             # screen position of the world point (napari maps canvas pixels ↔ world through the camera)
-            camera = viewer.camera
+            camera = _camera(viewer)
             size = np.array([canvas.height(), canvas.width()], dtype=float)
             offset = (np.asarray(world) - np.asarray(camera.center[-2:])) * camera.zoom
             screen = size / 2 + offset
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     sample = int(candidates[0] if candidates else result.held_out[0])
     session.go_to_sample(sample)
     _settle(app, 1.0)
-    viewer.reset_view()  # now that the window has its final size
+    session.fit_view()  # now that the window has its final size
     from ..demo import _share_dock_height
 
     _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.66)

@@ -171,8 +171,8 @@ class OmicsSession:
         images = self.layer("images")
         if images is not None:
             viewer.layers.selection.active = images
-        viewer.reset_view()
-        overlay = viewer.canvas.overlays.text
+        self.fit_view()
+        overlay = text_overlay(viewer)
         # top right: the sample image sits top left and the class means below it, so that corner is free
         overlay.visible = True
         overlay.position = "top_right"
@@ -182,6 +182,23 @@ class OmicsSession:
             self.imageset.current_sample = self.current_sample()
         self._update_caption()
         self.images_changed.emit()
+
+    def fit_view(self, caption_px: int = 64) -> None:
+        """Show all images, leaving a band at the top for the caption (three lines, top right).
+
+        The sample image sits at the top left; on a narrow canvas its right part
+        would otherwise run under the caption.
+        """
+        viewer = self.viewer
+        viewer.reset_view()
+        size = getattr(getattr(viewer, "canvas", None), "size", None)  # (height, width) in screen pixels
+        height = int(size[0]) if size is not None and len(size) else 0
+        if height > 3 * caption_px:
+            camera = _camera(viewer)
+            camera.zoom = camera.zoom * (height - caption_px) / height
+            center = list(camera.center)
+            center[-2] -= caption_px / 2 / camera.zoom  # content moves down by half the band
+            camera.center = tuple(center)
 
     def layer(self, role: str):
         """The viewer's (topmost) layer with this role, or None."""
@@ -218,7 +235,7 @@ class OmicsSession:
     def _update_caption(self) -> None:
         viewer = self._viewer()
         if viewer is not None and self.imageset is not None:
-            viewer.canvas.overlays.text.text = self.caption()
+            text_overlay(viewer).text = self.caption()
 
     def _on_step(self, event=None) -> None:
         if self.imageset is None:
@@ -416,6 +433,18 @@ class OmicsSession:
         self.data_changed.emit()
         # the other layers of the new data are still being inserted: finish once they are in
         self._finish_adoption_pending = True
+
+
+def text_overlay(viewer):
+    """The canvas text overlay (``viewer.canvas.overlays.text`` since napari 0.9, ``text_overlay`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    return overlays.text if overlays is not None else viewer.text_overlay
+
+
+def _camera(viewer):
+    scene = getattr(viewer, "scene", None)  # napari 0.9 moved the camera under the scene
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 class _Inserted:
