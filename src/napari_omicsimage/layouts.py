@@ -134,37 +134,158 @@ class GeneLayout(Layout):
 
 # ============================================= feature extractors (genes as points)
 class FastTSNE:
-    """t-SNE of genes that scales to tens of thousands of genes.
+    """t-SNE of genes, fast from a few hundred to tens of thousands of genes.
 
-    Genes are first reduced to at most 50 principal components (of their profiles
-    across training samples), then embedded with openTSNE's FFT-accelerated
-    t-SNE.  This is the default DeepInsight extractor: pyDeepInsight's own
-    scikit-learn t-SNE takes minutes for 20,000 genes (see docs/benchmarks.md).
+    The default DeepInsight extractor.  pyDeepInsight's own t-SNE (scikit-learn,
+    cosine distance) needs minutes for 20,000 genes; this one needs seconds and
+    preserves gene neighbourhoods at least as well (docs/benchmarks.md).
+
+    Gene profiles are first reduced to ``n_components`` (50) by an *uncentred*
+    truncated SVD, which keeps the cosine similarities t-SNE is asked to
+    preserve (PCA's centring changes which genes are neighbours).  Nearest
+    neighbours are exact (scikit-learn brute force on unit-length rows, where
+    Euclidean order is cosine order) up to ``exact_max_genes``, openTSNE's
+    Annoy index above.  The rest depends on the number of genes (:meth:`plan`):
+
+    * **up to** ``fft_above`` **(5,000) genes**, where t-SNE is cheap anyway:
+      scikit-learn's recipe run by openTSNE — perplexity 30, learning rate
+      max(n/48, 50), 250 early-exaggeration + 750 iterations — with
+      Barnes–Hut gradients on one thread (an iteration is too small to share);
+    * **above**: FFT-interpolated gradients (Linderman et al. 2019) on all
+      threads with openTSNE's learning rate, and a schedule of about
+      ``iteration_budget`` gene-iterations (480 iterations at 5,000 genes, 120
+      from 20,000 on, where neighbourhoods have settled), a third of them (at
+      least 50) with early exaggeration 12;
+    * **above** ``uniform_above`` **(10,000) genes**, also: uniform affinities
+      over each gene's ``uniform_neighbors`` (45) nearest neighbours instead of
+      perplexity 30 (Böhm, Berens & Kobak 2022: uniform kNN affinities give
+      t-SNE embeddings); cheaper, and the wider neighbourhood keeps large gene
+      sets' neighbourhoods better.
     """
 
-    def __init__(self, random_state: int = 0, n_jobs: int = -1, metric: str = "cosine"):
+    def __init__(self, random_state: int = 0, n_jobs: int = -1, metric: str = "cosine",
+                 n_components: int = 50, perplexity: float = 30.0, fft_above: int = 5_000,
+                 uniform_above: int = 10_000, uniform_neighbors: int = 45,
+                 iteration_budget: int = 2_400_000, exact_max_genes: int = 50_000):
         self.random_state = random_state
         self.n_jobs = n_jobs
         self.metric = metric
+        self.n_components = n_components
+        self.perplexity = perplexity
+        self.fft_above = fft_above
+        self.uniform_above = uniform_above
+        self.uniform_neighbors = uniform_neighbors
+        self.iteration_budget = iteration_budget
+        self.exact_max_genes = exact_max_genes
+
+    def plan(self, n_genes: int) -> dict:
+        """The settings used for ``n_genes`` genes."""
+        large = n_genes > self.fft_above
+        if n_genes > self.uniform_above:
+            perplexity, k = None, int(min(self.uniform_neighbors, n_genes - 1))
+        else:
+            perplexity = float(min(self.perplexity, max(2.0, (n_genes - 1) / 3.0)))
+            k = int(min(3 * perplexity, n_genes - 1))  # the neighbourhood a perplexity needs
+        if large:
+            total = int(np.clip(round(self.iteration_budget / n_genes), 120, 750))
+            early = max(50, total // 3)
+            schedule, learning_rate = (early, total - early), "auto"
+        else:
+            schedule, learning_rate = (250, 750), max(n_genes / 48.0, 50.0)
+        return {
+            "perplexity": perplexity,  # None: uniform affinities over k neighbours
+            "k": k,
+            "gradient": "fft" if large else "bh",
+            "n_jobs": self.n_jobs if large else 1,
+            "learning_rate": learning_rate,
+            "schedule": schedule,  # (early-exaggeration, plain) iterations
+        }
+
+    def _reduce(self, points: np.ndarray) -> np.ndarray:
+        """Uncentred truncated SVD scores of the gene profiles (genes × ``n_components``)."""
+        from sklearn.decomposition import TruncatedSVD
+
+        n_genes, n_samples = points.shape
+        n_comp = min(self.n_components, n_genes - 1)
+        if n_comp < 2 or n_samples <= n_comp:
+            return points
+        if n_samples > 2000:
+            svd = TruncatedSVD(n_components=n_comp, random_state=self.random_state)
+            return svd.fit_transform(points).astype(np.float32)
+        # Few samples: the right singular vectors are the top eigenvectors of the
+        # small samples × samples Gram matrix, exact and several times faster
+        # than randomised SVD on the tall genes × samples matrix.
+        from scipy.linalg import eigh
+
+        gram = (points.T @ points).astype(np.float64)
+        _, vectors = eigh(gram, subset_by_index=[n_samples - n_comp, n_samples - 1])
+        return points @ vectors[:, ::-1].astype(np.float32)
+
+    def _neighbors(self, points: np.ndarray, k: int):
+        """Exact ``k`` nearest neighbours (self excluded) as an openTSNE index."""
+        from openTSNE.nearest_neighbors import PrecomputedNeighbors
+        from sklearn.neighbors import NearestNeighbors
+
+        metric = self.metric
+        if metric == "cosine":
+            norms = np.linalg.norm(points, axis=1, keepdims=True)
+            points = points / np.where(norms > 0, norms, 1.0)
+            metric = "euclidean"
+        search = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric=metric, n_jobs=self.n_jobs)
+        distances, indices = search.fit(points).kneighbors(points)
+        if self.metric == "cosine":
+            distances = distances**2 / 2  # cosine distance of unit vectors, for perplexity calibration
+        # drop each gene's own entry (duplicated profiles may put it second: drop by index)
+        own = indices == np.arange(len(points))[:, None]
+        own[own.sum(axis=1) == 0, -1] = True
+        keep = ~own
+        return PrecomputedNeighbors(indices[keep].reshape(len(points), k),
+                                    distances[keep].reshape(len(points), k))
+
+    def _affinities(self, points: np.ndarray, k: int, perplexity: float | None):
+        """Perplexity-based affinities over ``k`` neighbours, or uniform ones when ``perplexity`` is None."""
+        from openTSNE import affinity
+
+        if len(points) > self.exact_max_genes:
+            options = {"metric": self.metric, "method": "annoy", "n_jobs": self.n_jobs,
+                       "random_state": self.random_state}
+            if perplexity is None:
+                return affinity.Uniform(points, k_neighbors=k, **options)
+            return affinity.PerplexityBasedNN(points, perplexity=perplexity, k_neighbors=k, **options)
+        neighbors = self._neighbors(points, k)
+        if perplexity is None:
+            return affinity.Uniform(knn_index=neighbors, k_neighbors=k)
+        return affinity.PerplexityBasedNN(perplexity=perplexity, knn_index=neighbors, n_jobs=self.n_jobs)
 
     def fit_transform(self, points: np.ndarray) -> np.ndarray:
-        from openTSNE import TSNE
-        from sklearn.decomposition import PCA
+        from threadpoolctl import threadpool_limits
 
-        points = np.asarray(points, dtype=np.float32)
-        n_comp = min(50, points.shape[0] - 1, points.shape[1])
-        if n_comp >= 2 and points.shape[1] > n_comp:
-            points = PCA(n_components=n_comp, random_state=self.random_state).fit_transform(points)
-        perplexity = float(min(30.0, max(2.0, (points.shape[0] - 1) / 3.0)))
-        tsne = TSNE(
-            perplexity=perplexity,
-            metric=self.metric,
-            n_jobs=self.n_jobs,
+        # The dense algebra here (Gram matrix, its eigenvectors, PCA start) is
+        # small; OpenBLAS threads cost more than they save on it, badly so on a
+        # busy machine (eigh of a 1000 × 1000 Gram matrix: 8 s with 2 threads,
+        # 0.16 s with 1, on the benchmark machine).  Neighbour search and t-SNE
+        # keep their own threads.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit_transform(points)
+
+    def _fit_transform(self, points: np.ndarray) -> np.ndarray:
+        from openTSNE import TSNEEmbedding, initialization
+
+        points = self._reduce(np.asarray(points, dtype=np.float32))
+        plan = self.plan(len(points))
+        affinities = self._affinities(points, plan["k"], plan["perplexity"])
+        embedding = TSNEEmbedding(
+            initialization.pca(points, random_state=self.random_state),
+            affinities,
+            negative_gradient_method=plan["gradient"],
+            n_jobs=plan["n_jobs"],
             random_state=self.random_state,
-            initialization="pca",
-            n_iter=500,
         )
-        return np.asarray(tsne.fit(points), dtype=np.float64)
+        early, plain = plan["schedule"]
+        rate = plan["learning_rate"]
+        embedding = embedding.optimize(n_iter=early, exaggeration=12, learning_rate=rate)
+        embedding = embedding.optimize(n_iter=plain, learning_rate=rate)
+        return np.asarray(embedding, dtype=np.float64)
 
 
 class FotomicsFFT:
@@ -178,15 +299,30 @@ class FotomicsFFT:
     Vectorised over samples.
     """
 
+    #: samples transformed at a time: bounds memory to a few tens of MB
+    chunk_samples = 128
+
     def fit_transform(self, points: np.ndarray) -> np.ndarray:
-        spectrum = np.fft.fftshift(np.fft.fft(np.asarray(points, dtype=np.float64), axis=0), axes=0)
-        coords = []
-        for part in (spectrum.real, spectrum.imag):
-            p10, p90 = np.percentile(part, [10, 90], axis=0)
-            iqr = p90 - p10
-            outlier = (part < p10 - 1.5 * iqr) | (part > p90 + 1.5 * iqr)
-            coords.append(np.where(outlier, 0.0, part).mean(axis=1))
-        return np.stack(coords, axis=1)
+        points = np.asarray(points)
+        n_genes, n_samples = points.shape
+        sums = np.zeros((2, n_genes))
+        for start in range(0, n_samples, self.chunk_samples):
+            # samples × genes, so each sample's FFT and percentiles run over contiguous memory
+            chunk = np.ascontiguousarray(points[:, start : start + self.chunk_samples].T, dtype=np.float64)
+            spectrum = np.fft.fftshift(np.fft.fft(chunk, axis=1), axes=1)
+            for part, total in zip((spectrum.real, spectrum.imag), sums):
+                p10, p90 = np.percentile(part, [10, 90], axis=1, keepdims=True)
+                iqr = p90 - p10
+                outlier = (part < p10 - 1.5 * iqr) | (part > p90 + 1.5 * iqr)
+                # Added sample after sample, the order of the original
+                # per-sample loop, so the coordinates equal the original's to
+                # the last bit: the minimum-area rectangle that orients the
+                # image has ties on Fotomics' mirror-symmetric point set (the
+                # FFT of real data is Hermitian), and a last-bit difference can
+                # rotate the whole layout.
+                for kept in np.where(outlier, 0.0, part):
+                    total += kept
+        return np.ascontiguousarray((sums / n_samples).T)
 
 
 def make_feature_extractor(name: str, random_state: int = 0):
