@@ -1,0 +1,102 @@
+"""The core benchmark script runs and its comparisons hold on tiny inputs (values, never timings)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_core", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_core"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(bench):
+    return bench.make_expression(n_samples=24, n_genes=150, n_modules=8, seed=1)
+
+
+def test_synthetic_data_is_seeded_scaled_and_modular(bench, tiny):
+    assert tiny.shape == (24, 150) and tiny.dtype == np.float32
+    assert tiny.min() >= 0 and tiny.max() <= 1
+    np.testing.assert_array_equal(tiny, bench.make_expression(24, 150, 8, seed=1))
+    assert not np.array_equal(tiny, bench.make_expression(24, 150, 8, seed=2))
+    # genes of one module are correlated: the largest |r| far exceeds pure-noise levels
+    corr = np.corrcoef(tiny.T)
+    np.fill_diagonal(corr, 0)
+    assert np.abs(corr).max(axis=1).mean() > 0.5
+
+
+def test_render_matches_pydeepinsight(bench, tiny):
+    from sklearn.decomposition import PCA
+
+    row = bench.bench_render(tiny, size=12, extractor=PCA(n_components=2))
+    assert row.details["max_abs_diff"] < 1e-5
+    assert row.details["occupied_pixels"] > 1
+    assert row.ours_s > 0 and row.reference_s > 0
+
+
+def test_fotomics_loop_reference_gives_the_same_layout(bench, tiny):
+    from _fotomics_reference import fotomics_coordinates_loop
+
+    from napari_omicsimage.layouts import FotomicsFFT
+
+    np.testing.assert_allclose(fotomics_coordinates_loop(tiny), FotomicsFFT().fit_transform(tiny.T),
+                               rtol=1e-9, atol=1e-12)
+    row = bench.bench_fotomics(tiny, size=12)
+    assert row.details["identical_pixels"]
+    assert row.details["max_coord_diff"] < 1e-9
+
+
+def test_fotomics_reference_zeroes_outlier_bins(bench):
+    from _fotomics_reference import fotomics_coordinates_loop
+
+    # a constant profile puts all its energy (21.0) in the zero-frequency bin,
+    # far outside P10..P90 ± 1.5·IQR of an otherwise flat spectrum: it must be zeroed
+    flat = fotomics_coordinates_loop(np.ones((1, 21)))
+    assert flat[21 // 2, 0] == 0.0  # after fftshift the zero-frequency bin sits in the middle
+    np.testing.assert_allclose(flat, 0.0, atol=1e-12)
+    # a bin inside the bounds is kept: two samples, means of their kept values
+    x = np.random.default_rng(0).random((2, 40))
+    coords = fotomics_coordinates_loop(x)
+    spectra = np.fft.fftshift(np.fft.fft(x, axis=1), axes=1)
+    kept = []
+    for part in (spectra.real, spectra.imag):
+        p10, p90 = np.percentile(part, [10, 90], axis=1, keepdims=True)
+        iqr = p90 - p10
+        kept.append(np.where((part < p10 - 1.5 * iqr) | (part > p90 + 1.5 * iqr), 0.0, part).mean(axis=0))
+    np.testing.assert_allclose(coords, np.stack(kept, axis=1), atol=1e-12)
+    assert np.count_nonzero(coords[:, 0]) > 30
+
+
+@pytest.mark.slow  # two t-SNE fits of each kind: ~10 s on the shared 2-core machine
+def test_tsne_stage_scores_both_layouts(bench, tiny):
+    row = bench.bench_tsne_layout(tiny, size=12, score_genes=100)
+    for key in ("ours_trustworthiness", "reference_trustworthiness"):
+        assert 0.5 < row.details[key] <= 1.0
+    assert row.details["reference_genes"] == 150
+    limited = bench.bench_tsne_layout(tiny, size=12, score_genes=100, sklearn_genes=90)
+    assert limited.details["reference_genes"] == 90
+    assert "reference: 90" in limited.stage
+
+
+def test_main_prints_a_markdown_table(bench, tiny, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "QUICK", {"n_samples": 24, "n_genes": 150, "n_modules": 8, "size": 12,
+                                         "score_genes": 100})
+    out = tmp_path / "report.md"
+    report = bench.main(["--quick", "--stages", "render,fotomics", "--output", str(out)])
+    lines = [ln for ln in report.splitlines() if ln.startswith("|")]
+    assert lines[0].startswith("| stage | ours (s) | reference (s) | ratio")
+    assert len(lines) == 4  # header, rule, two stages
+    assert out.read_text().strip() == report.strip()
+    assert "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--stages", "nonsense"])
