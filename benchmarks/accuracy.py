@@ -113,13 +113,15 @@ def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args)
             stamps["fold_end"][event.fold] = now
             stamps["fold_start"][event.fold + 1] = now
 
-    result = cross_validate(adata, dataset.label_column, spec, config, folds=args.folds,
+    # the medulloblastoma subset has 4 WNT samples: k is capped at the smallest class (and reported)
+    folds = min(args.folds, int(adata.obs[dataset.label_column].value_counts().min()))
+    result = cross_validate(adata, dataset.label_column, spec, config, folds=folds,
                             transductive=transductive, progress=progress)
     rows = []
     for i, fold in enumerate(result.metrics["folds"]):
         first_batch, end = stamps["first_batch"][i], stamps["fold_end"][i]
         rows.append({"dataset": dataset.name + ":" + dataset.label_column, "method": method, "model": model,
-                     "repeat": repeat, "fold": fold["fold"],
+                     "repeat": repeat, "fold": fold["fold"], "k": folds,
                      **{m: fold[m] for m in METRICS},
                      **{f"baseline_{m}": result.metrics["baseline_folds"][i][m] for m in METRICS},
                      "fit_s": round(first_batch - stamps["fold_start"][i], 3),
@@ -142,12 +144,12 @@ def summarise(frame: pd.DataFrame, render: dict) -> str:
     def pm(series):
         return f"{series.mean():.3f} ± {series.std(ddof=1):.3f}" if len(series) > 1 else f"{series.mean():.3f}"
 
-    lines = ["| data set | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
+    lines = ["| data set | k | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
              "baseline F1 | fit s/fold | render s (all) | train s/fold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (ds, method, model), grp in frame.groupby(["dataset", "method", "model"], sort=False):
         lines.append(
-            f"| {ds} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
+            f"| {ds} | {grp.k.iloc[0]} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
             f"{pm(grp.roc_auc_ovo_macro)} | {pm(grp.baseline_balanced_accuracy)} | {pm(grp.baseline_f1_macro)} | "
             f"{grp.fit_s.mean():.2f} | {render.get((ds, method), float('nan')):.3f} | {grp.train_s.mean():.2f} |")
     return "\n".join(lines)
