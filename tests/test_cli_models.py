@@ -55,6 +55,21 @@ def test_evaluate_writes_the_report_and_prints_the_table(data_files, tmp_path, c
     assert len(json.loads((out / "metrics.json").read_text())["folds"]) == 2
 
 
+@pytest.mark.parametrize(("protocol", "expected"), [(None, (20, 16, 1e-3)), ("paper", (5, 32, 1e-4))])
+def test_protocol_sets_epochs_batch_and_lr(data_files, tmp_path, protocol, expected):
+    out = tmp_path / "report"
+    args = ["evaluate", *_input(data_files), "--method", "grid", "--n-top-genes", "0", "--device", "cpu",
+            "--folds", "2", "--out", str(out)]
+    if protocol:
+        args += ["--protocol", protocol]
+    assert main(args) == 0
+    recorded = json.loads((out / "metrics.json").read_text())["protocol"]
+    assert (recorded["epochs"], recorded["batch_size"], recorded["lr"]) == expected
+    # explicit options override the protocol's
+    assert main([*args, "--epochs", "1", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["protocol"]["epochs"] == 1
+
+
 def test_evaluate_too_many_folds_suggests_fewer(data_files, tmp_path, capsys):
     code = main(["evaluate", *_input(data_files), *FAST, "--folds", "20", "--out", str(tmp_path / "r")])
     assert code == 2

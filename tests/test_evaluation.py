@@ -40,9 +40,14 @@ def planted_cv():
     return adata, cross_validate(adata, "label", GRID, _config(), folds=3)
 
 
-def test_defaults_are_the_papers_protocol():
+def test_default_protocol_is_recommended_and_the_papers_is_one_call_away():
     config = TrainConfig()
-    assert (config.epochs, config.batch_size, config.lr) == (5, 32, 1e-4)
+    assert (config.epochs, config.batch_size, config.lr) == (20, 16, 1e-3)
+    paper = TrainConfig.for_protocol("paper", model="resnet18")
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr) == ("resnet18", 5, 32, 1e-4)
+    assert TrainConfig.for_protocol("paper", epochs=7).epochs == 7
+    with pytest.raises(OmicsInputError, match="unknown training protocol 'fast'"):
+        TrainConfig.for_protocol("fast")
     import inspect
 
     assert inspect.signature(cross_validate).parameters["folds"].default == 5

@@ -1,7 +1,9 @@
 """Stratified k-fold cross-validation of image classifiers, with a linear baseline.
 
-The default protocol is the seed paper's (Alyatimi et al. 2025): 5 stratified
-folds, 5 epochs, batch 32, Adam, learning rate 1e-4, cross-entropy.  Unlike
+5 stratified folds, Adam, cross-entropy; the training settings come from
+``TrainConfig`` (the ``recommended`` protocol by default: 20 epochs, batch 16,
+learning rate 1e-3; ``TrainConfig.for_protocol("paper")`` is the seed paper's
+5 epochs, batch 32, learning rate 1e-4, Alyatimi et al. 2025).  Unlike
 the paper, preprocessing statistics (gene selection, scaling) and the layout
 are fitted **on each training fold only**, so no test sample shapes the images
 it is tested on.  ``transductive=True`` reproduces the paper's set-up instead
