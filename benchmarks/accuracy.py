@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from napari_omicsimage.evaluation import cross_validate  # noqa: E402
 from napari_omicsimage.io import load_sample_data, read_expression  # noqa: E402
 from napari_omicsimage.preprocess import PreprocessConfig, Preprocessor  # noqa: E402
-from napari_omicsimage.training import TrainConfig, fit_layout  # noqa: E402
+from napari_omicsimage.training import PROTOCOLS, TrainConfig, fit_layout  # noqa: E402
 
 METRICS = ("balanced_accuracy", "f1_macro", "roc_auc_ovo_macro", "accuracy")
 
@@ -121,12 +121,21 @@ def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args)
     for i, fold in enumerate(result.metrics["folds"]):
         first_batch, end = stamps["first_batch"][i], stamps["fold_end"][i]
         rows.append({"dataset": dataset.name + ":" + dataset.label_column, "method": method, "model": model,
-                     "repeat": repeat, "fold": fold["fold"], "k": folds,
+                     "repeat": repeat, "fold": fold["fold"], "k": folds, "protocol": protocol_name(args),
                      **{m: fold[m] for m in METRICS},
                      **{f"baseline_{m}": result.metrics["baseline_folds"][i][m] for m in METRICS},
                      "fit_s": round(first_batch - stamps["fold_start"][i], 3),
                      "train_s": round(end - first_batch, 3)})
     return rows
+
+
+def protocol_name(args) -> str:
+    """The training protocol's name, or its settings when they match none."""
+    chosen = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    for name, settings in PROTOCOLS.items():
+        if settings == chosen:
+            return name
+    return f"{args.epochs} ep, batch {args.batch_size}, lr {args.lr:g}"
 
 
 def render_seconds(adata, dataset: Dataset, method: str, args) -> float:
@@ -144,12 +153,15 @@ def summarise(frame: pd.DataFrame, render: dict) -> str:
     def pm(series):
         return f"{series.mean():.3f} ± {series.std(ddof=1):.3f}" if len(series) > 1 else f"{series.mean():.3f}"
 
-    lines = ["| data set | k | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
+    if "protocol" not in frame:
+        frame = frame.assign(protocol="")
+    lines = ["| data set | k | protocol | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
              "baseline F1 | fit s/fold | render s (all) | train s/fold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (ds, method, model), grp in frame.groupby(["dataset", "method", "model"], sort=False):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, protocol, method, model), grp in frame.groupby(["dataset", "protocol", "method", "model"],
+                                                            sort=False):
         lines.append(
-            f"| {ds} | {grp.k.iloc[0]} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
+            f"| {ds} | {grp.k.iloc[0]} | {protocol} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
             f"{pm(grp.roc_auc_ovo_macro)} | {pm(grp.baseline_balanced_accuracy)} | {pm(grp.baseline_f1_macro)} | "
             f"{grp.fit_s.mean():.2f} | {render.get((ds, method), float('nan')):.3f} | {grp.train_s.mean():.2f} |")
     return "\n".join(lines)
@@ -189,16 +201,33 @@ def main(argv=None) -> int:
                         help="data sets on which models other than 'small' run (CPU budget); 'all' for every one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=PROTOCOLS["recommended"]["epochs"])
+    parser.add_argument("--batch-size", type=int, default=PROTOCOLS["recommended"]["batch_size"])
+    parser.add_argument("--lr", type=float, default=PROTOCOLS["recommended"]["lr"])
     parser.add_argument("--size", type=int, default=32, help="image side for non-grid layouts")
     parser.add_argument("--n-top-genes", type=int, default=2000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy_folds.csv")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: srbct, 2 methods, small CNN, 1 repeat")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                        help="take --epochs, --batch-size and --lr from a named training protocol")
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="CSV", default=None,
+                        help="print the table (and --plot) from fold CSVs written by earlier runs; runs nothing")
     args = parser.parse_args(argv)
+    if args.summarise:
+        frame = pd.concat([pd.read_csv(path) for path in args.summarise], ignore_index=True)
+        render = {}
+        for path in args.summarise:
+            timing = path.with_name(path.stem + "_render.csv")
+            if timing.exists():
+                render.update({(r.dataset, r.method): r.render_s for r in pd.read_csv(timing).itertuples()})
+        print(summarise(frame, render))
+        if args.plot:
+            plot(frame, args.plot)
+        return 0
+    if args.protocol:
+        vars(args).update(PROTOCOLS[args.protocol])
     if args.quick:
         args.datasets, args.methods, args.models = ["srbct"], ["grid-chromosome", "fotomics"], ["small"]
         args.repeats, args.epochs, args.size = 1, 2, 16
@@ -222,6 +251,8 @@ def main(argv=None) -> int:
                     print(f"{ds_name:28s} {method:27s} {model:16s} repeat {repeat}: balanced acc {bal:.3f} "
                           f"({time.perf_counter() - t:.1f} s)", flush=True)
                     pd.DataFrame(rows).to_csv(args.out, index=False)  # keep partial results
+                    pd.DataFrame([{"dataset": d, "method": m, "render_s": sec} for (d, m), sec in render.items()]
+                                 ).to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
     frame = pd.DataFrame(rows)
     render_frame = pd.DataFrame([{"dataset": d, "method": m, "render_s": s} for (d, m), s in render.items()])
     render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
