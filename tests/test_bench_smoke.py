@@ -100,3 +100,15 @@ def test_main_prints_a_markdown_table(bench, tiny, monkeypatch, tmp_path, capsys
     assert "--quick" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--stages", "nonsense"])
+
+
+def test_training_throughput_script_prints_a_row_per_model():
+    spec = importlib.util.spec_from_file_location("bench_training", BENCH.with_name("bench_training.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--quick", "--device", "cpu", "--threads", "1"])
+    rows = [ln for ln in report.splitlines() if ln.startswith("| small")]
+    assert len(rows) == 1
+    pipeline, backbone, ratio, render = (float(v.replace(",", "")) for v in rows[0].strip("|").split("|")[4:8])
+    assert pipeline > 0 and backbone > 0 and render > 0
+    assert ratio == pytest.approx(pipeline / backbone, rel=0.02)
