@@ -121,7 +121,7 @@ def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args)
     for i, fold in enumerate(result.metrics["folds"]):
         first_batch, end = stamps["first_batch"][i], stamps["fold_end"][i]
         rows.append({"dataset": dataset.name + ":" + dataset.label_column, "method": method, "model": model,
-                     "repeat": repeat, "fold": fold["fold"], "k": folds, "protocol": protocol_name(args),
+                     "repeat": repeat, "fold": fold["fold"], "k": folds, "protocol": protocol_name(args), "size": args.size,
                      **{m: fold[m] for m in METRICS},
                      **{f"baseline_{m}": result.metrics["baseline_folds"][i][m] for m in METRICS},
                      "fit_s": round(first_batch - stamps["fold_start"][i], 3),
@@ -149,22 +149,36 @@ def render_seconds(adata, dataset: Dataset, method: str, args) -> float:
     return time.perf_counter() - start
 
 
+def with_defaults(frame: pd.DataFrame) -> pd.DataFrame:
+    """Fill the columns that CSVs from earlier versions of this script lack."""
+    if "protocol" not in frame:
+        frame = frame.assign(protocol="")
+    # runs before the size column existed used the default --size 32
+    return frame.assign(size=frame["size"].fillna(32).astype(int) if "size" in frame else 32)
+
+
 def summarise(frame: pd.DataFrame, render: dict) -> str:
     def pm(series):
         return f"{series.mean():.3f} ± {series.std(ddof=1):.3f}" if len(series) > 1 else f"{series.mean():.3f}"
 
-    if "protocol" not in frame:
-        frame = frame.assign(protocol="")
-    lines = ["| data set | k | protocol | method | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
+    frame = with_defaults(frame)
+    lines = ["| data set | folds × repeats | protocol | method | size | model | balanced acc. | macro F1 | macro AUC (OvO) | baseline bal. acc. | "
              "baseline F1 | fit s/fold | render s (all) | train s/fold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (ds, protocol, method, model), grp in frame.groupby(["dataset", "protocol", "method", "model"],
-                                                            sort=False):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (ds, protocol, method, size, model), grp in frame.groupby(["dataset", "protocol", "method", "size", "model"],
+                                                                  sort=False):
         lines.append(
-            f"| {ds} | {grp.k.iloc[0]} | {protocol} | {method} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
+            f"| {ds} | {int(grp.k.iloc[0])} × {grp.repeat.nunique()} | {protocol} | {method} | {image_side(method, size)} | {model} | {pm(grp.balanced_accuracy)} | {pm(grp.f1_macro)} | "
             f"{pm(grp.roc_auc_ovo_macro)} | {pm(grp.baseline_balanced_accuracy)} | {pm(grp.baseline_f1_macro)} | "
-            f"{grp.fit_s.mean():.2f} | {render.get((ds, method), float('nan')):.3f} | {grp.train_s.mean():.2f} |")
+            f"{grp.fit_s.mean():.2f} | {render.get((ds, method, size), float('nan')):.3f} | {grp.train_s.mean():.2f} |")
     return "\n".join(lines)
+
+
+def image_side(method: str, size: int) -> str:
+    """The image side a row was trained at (grids take the smallest square holding every gene)."""
+    if method.startswith("grid"):
+        return "grid"
+    return str(max(size, 32) if method.startswith("rgb-embedding") else size)
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
@@ -173,20 +187,32 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    frame = with_defaults(frame)
+    colours = {"small": "#4c72b0", "resnet18": "#55a868", "efficientnet_b0": "#8172b2"}
     datasets = list(dict.fromkeys(frame.dataset))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 4.6), sharey=True, squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
+    n_rows = frame.groupby(["dataset", "protocol", "method", "size", "model"]).ngroups / len(datasets)
+    n_cols = min(len(datasets), 3)
+    n_fig_rows = -(-len(datasets) // n_cols)
+    fig, axes = plt.subplots(n_fig_rows, n_cols, figsize=(5.6 * n_cols, n_fig_rows * (1.2 + 0.28 * max(n_rows, 7))),
+                             squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.set_visible(False)
+    for ax, ds in zip(axes.flat, datasets):
         sub = frame[frame.dataset == ds]
-        groups = list(dict.fromkeys(zip(sub.method, sub.model)))
-        means = [sub[(sub.method == m) & (sub.model == k)].balanced_accuracy.mean() for m, k in groups]
-        sds = [sub[(sub.method == m) & (sub.model == k)].balanced_accuracy.std(ddof=1) for m, k in groups]
-        ax.barh(range(len(groups)), means, xerr=np.nan_to_num(sds), color="#4c72b0", alpha=0.85)
+        groups = [(key, grp) for key, grp in sub.groupby(["protocol", "method", "size", "model"], sort=False)]
+        means = [grp.balanced_accuracy.mean() for _, grp in groups]
+        sds = [grp.balanced_accuracy.std(ddof=1) if len(grp) > 1 else 0.0 for _, grp in groups]
+        ax.barh(range(len(groups)), means, xerr=sds, alpha=0.85,
+                color=[colours.get(key[3], "#937860") for key, _ in groups])
         ax.axvline(sub.baseline_balanced_accuracy.mean(), color="#c44e52", ls="--", label="logistic regression")
-        ax.set_yticks(range(len(groups)), [f"{m} / {k}" for m, k in groups], fontsize=8)
+        labels = [f"{method} {image_side(method, size)} / {model}" + ("" if protocol == "recommended" else f" ({protocol})")
+                  for (protocol, method, size, model), _ in groups]
+        ax.set_yticks(range(len(groups)), labels, fontsize=7)
+        ax.invert_yaxis()
         ax.set_xlim(0, 1.02)
         ax.set_title(ds, fontsize=10)
-        ax.set_xlabel("balanced accuracy (mean ± sd over folds)")
-    axes[0][0].legend(loc="lower left", fontsize=8)
+        ax.set_xlabel("balanced accuracy (mean ± sd over folds)", fontsize=8)
+    axes.flat[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -221,7 +247,8 @@ def main(argv=None) -> int:
         for path in args.summarise:
             timing = path.with_name(path.stem + "_render.csv")
             if timing.exists():
-                render.update({(r.dataset, r.method): r.render_s for r in pd.read_csv(timing).itertuples()})
+                timing = with_defaults(pd.read_csv(timing))
+                render.update({(r.dataset, r.method, r.size): r.render_s for r in timing.itertuples()})
         print(summarise(frame, render))
         if args.plot:
             plot(frame, args.plot)
@@ -239,7 +266,7 @@ def main(argv=None) -> int:
         adata = dataset.load()
         for method in args.methods:
             ds_name = dataset.name + ":" + dataset.label_column
-            render[(ds_name, method)] = render_seconds(adata, dataset, method, args)
+            render[(ds_name, method, args.size)] = render_seconds(adata, dataset, method, args)
             for model in args.models:
                 if model != "small" and "all" not in args.big_models_on and key not in args.big_models_on:
                     continue
@@ -251,10 +278,11 @@ def main(argv=None) -> int:
                     print(f"{ds_name:28s} {method:27s} {model:16s} repeat {repeat}: balanced acc {bal:.3f} "
                           f"({time.perf_counter() - t:.1f} s)", flush=True)
                     pd.DataFrame(rows).to_csv(args.out, index=False)  # keep partial results
-                    pd.DataFrame([{"dataset": d, "method": m, "render_s": sec} for (d, m), sec in render.items()]
+                    pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec} for (d, m, z), sec in render.items()]
                                  ).to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
     frame = pd.DataFrame(rows)
-    render_frame = pd.DataFrame([{"dataset": d, "method": m, "render_s": s} for (d, m), s in render.items()])
+    render_frame = pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec}
+                                 for (d, m, z), sec in render.items()])
     render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
     print()
     print(summarise(frame, render))

@@ -112,3 +112,34 @@ def test_training_throughput_script_prints_a_row_per_model():
     pipeline, backbone, ratio, render = (float(v.replace(",", "")) for v in rows[0].strip("|").split("|")[4:8])
     assert pipeline > 0 and backbone > 0 and render > 0
     assert ratio == pytest.approx(pipeline / backbone, rel=0.02)
+
+
+SRBCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "srbct_khan"
+
+
+@pytest.mark.skipif(not SRBCT.exists(), reason="needs ../shared/data/srbct_khan")
+def test_accuracy_script_writes_folds_and_merges_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH.with_name("accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_bench"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    out = tmp_path / "folds.csv"
+    assert module.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    import pandas as pd
+
+    folds = pd.read_csv(out)
+    # --quick: srbct, two methods, the small CNN, one repeat of 5-fold CV
+    assert sorted(folds.method.unique()) == ["fotomics", "grid-chromosome"]
+    assert len(folds) == 2 * 5 and set(folds.fold) == {1, 2, 3, 4, 5}
+    assert folds.balanced_accuracy.between(0, 1).all() and (folds.baseline_balanced_accuracy > 0.8).all()
+    capsys.readouterr()
+    # an older CSV without the size column merges with the new one into one table row per variant
+    folds.drop(columns="size").assign(protocol="paper").to_csv(tmp_path / "old.csv", index=False)
+    plot = tmp_path / "accuracy.png"
+    assert module.main(["--summarise", str(out), str(tmp_path / "old.csv"), "--plot", str(plot)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| srbct")]
+    assert len(rows) == 4
+    assert any("| 2 ep, batch 16, lr 0.001 | fotomics | 16 | small |" in r for r in rows)
+    assert any("| paper | fotomics | 32 | small |" in r for r in rows)  # rows without a size were run at 32
+    assert any("| 5 × 1 | 2 ep, batch 16, lr 0.001 | grid-chromosome | grid | small |" in r for r in rows)
+    assert plot.stat().st_size > 10_000
