@@ -83,6 +83,7 @@ METHODS = {
     "fotomics": ({"method": "fotomics"}, False),
     "rgb-layouts": ({"method": "rgb-layouts"}, False),
     "grid-chromosome": ({"method": "grid", "order": "chromosome"}, False),
+    "grid-cluster": ({"method": "grid", "order": "cluster"}, False),  # ablation: does gene order matter?
     "rgb-embedding": ({"method": "rgb-embedding"}, False),
     "rgb-embedding-transductive": ({"method": "rgb-embedding"}, True),
 }
