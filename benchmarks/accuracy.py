@@ -5,10 +5,22 @@ layout are fitted on the training samples only (except the `rgb-embedding-transd
 the seed paper's set-up so its inflation can be measured). The baseline is fitted on the same preprocessed
 features in the same folds.
 
-    python benchmarks/accuracy.py                      # default grid, about an hour on a 2-core CPU
     python benchmarks/accuracy.py --quick              # smoke run: one data set, two methods, 1 repeat
-    python benchmarks/accuracy.py --models resnet18 efficientnet_b0 small --size 64 --epochs 5 --repeats 5 \
-        --device cuda                                  # the larger set-up for a GPU
+    python benchmarks/accuracy.py                      # default grid: 5 data sets × 7 methods × small CNN × 3 repeats
+
+The default grid is about two core-hours of CPU work (measured: 2,440 s per repeat with one thread per
+process).  On a 2-core machine, run it as two single-threaded processes, about an hour each side by side,
+then merge them:
+
+    export OMP_NUM_THREADS=1
+    python benchmarks/accuracy.py --datasets pbmc srbct --out r/a.csv &
+    python benchmarks/accuracy.py --datasets medulloblastoma all_bt all_molbio --out r/b.csv; wait
+    python benchmarks/accuracy.py --summarise r/a.csv r/b.csv --plot accuracy.png
+
+Larger settings (ResNet-18 and EfficientNet-B0 take 5-20× longer on a CPU) are meant for a GPU:
+
+    python benchmarks/accuracy.py --models small resnet18 efficientnet_b0 --big-models-on all --size 64 \
+        --repeats 5 --device cuda
 
 Prints a Markdown table (mean ± sd over all folds of all repeats) and writes every fold's numbers to
 ``--out`` (CSV) so the table and plot can be regenerated (``--plot PNG``).
@@ -175,6 +187,25 @@ def summarise(frame: pd.DataFrame, render: dict) -> str:
     return "\n".join(lines)
 
 
+def glance(frame: pd.DataFrame) -> str:
+    """Balanced accuracy as a method × data set matrix, the baseline last; each data set's best image row in bold."""
+    frame = with_defaults(frame)
+    short = {ds: ds.split(":")[0].replace("68k_reduced", "") + (":" + ds.split(":")[1] if ds.startswith("all") else "")
+             for ds in frame.dataset.unique()}
+    frame = frame.assign(row=[f"{m} {image_side(m, z)} / {mo}" + ("" if p == "recommended" else f" ({p})")
+                              for p, m, z, mo in zip(frame.protocol, frame.method, frame["size"], frame.model)],
+                         column=frame.dataset.map(short))
+    table = frame.pivot_table(index="row", columns="column", values="balanced_accuracy", aggfunc="mean", sort=False)
+    baseline = frame.groupby("column", sort=False).baseline_balanced_accuracy.mean()
+    best = table.max()
+    lines = ["| method / model | " + " | ".join(table.columns) + " |", "|---|" + "---:|" * len(table.columns)]
+    for row, values in table.iterrows():
+        cells = ["" if np.isnan(v) else (f"**{v:.3f}**" if v == best[c] else f"{v:.3f}") for c, v in values.items()]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("| *logistic regression (baseline)* | " + " | ".join(f"*{baseline[c]:.3f}*" for c in table.columns) + " |")
+    return "\n".join(lines)
+
+
 def image_side(method: str, size: int) -> str:
     """The image side a row was trained at (grids take the smallest square holding every gene)."""
     if method.startswith("grid"):
@@ -203,8 +234,12 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         groups = [(key, grp) for key, grp in sub.groupby(["protocol", "method", "size", "model"], sort=False)]
         means = [grp.balanced_accuracy.mean() for _, grp in groups]
         sds = [grp.balanced_accuracy.std(ddof=1) if len(grp) > 1 else 0.0 for _, grp in groups]
-        ax.barh(range(len(groups)), means, xerr=sds, alpha=0.85,
-                color=[colours.get(key[3], "#937860") for key, _ in groups])
+        bars = ax.barh(range(len(groups)), means, xerr=sds, alpha=0.85,
+                       color=[colours.get(key[3], "#937860") for key, _ in groups])
+        for bar, (key, _) in zip(bars, groups):
+            if key[0] != "recommended":  # other protocols hatched, so they stand apart from the defaults
+                bar.set_hatch("//")
+                bar.set_edgecolor("white")
         ax.axvline(sub.baseline_balanced_accuracy.mean(), color="#c44e52", ls="--", label="logistic regression")
         labels = [f"{method} {image_side(method, size)} / {model}" + ("" if protocol == "recommended" else f" ({protocol})")
                   for (protocol, method, size, model), _ in groups]
@@ -213,7 +248,13 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         ax.set_xlim(0, 1.02)
         ax.set_title(ds, fontsize=10)
         ax.set_xlabel("balanced accuracy (mean ± sd over folds)", fontsize=8)
-    axes.flat[0].legend(loc="lower left", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colour, label=model) for model, colour in colours.items() if model in set(frame.model)]
+    if (frame.protocol != "recommended").any():
+        handles.append(Patch(facecolor="#999999", hatch="//", edgecolor="white", label="paper protocol"))
+    handles.append(axes.flat[0].get_legend_handles_labels()[0][0])
+    fig.legend(handles=handles, loc="lower right", fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -223,7 +264,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--models", nargs="+", default=["small", "resnet18", "efficientnet_b0"])
+    parser.add_argument("--models", nargs="+", default=["small"],
+                        help="small, resnet18, efficientnet_b0 (the big two take 5-20× longer on a CPU)")
     parser.add_argument("--big-models-on", nargs="+", default=["medulloblastoma", "srbct", "all_bt"],
                         help="data sets on which models other than 'small' run (CPU budget); 'all' for every one")
     parser.add_argument("--repeats", type=int, default=3)
@@ -251,6 +293,8 @@ def main(argv=None) -> int:
                 timing = with_defaults(pd.read_csv(timing))
                 render.update({(r.dataset, r.method, r.size): r.render_s for r in timing.itertuples()})
         print(summarise(frame, render))
+        print("\nBalanced accuracy at a glance:\n")
+        print(glance(frame))
         if args.plot:
             plot(frame, args.plot)
         return 0
@@ -287,6 +331,8 @@ def main(argv=None) -> int:
     render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
     print()
     print(summarise(frame, render))
+    print("\nBalanced accuracy at a glance:\n")
+    print(glance(frame))
     if args.plot:
         plot(frame, args.plot)
         print(f"\nplot written to {args.plot}")
