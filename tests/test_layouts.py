@@ -112,11 +112,11 @@ def test_fotomics_coordinates_follow_the_published_definition():
 def test_grid_input_order_and_shared_pixels():
     x = np.random.default_rng(0).random((5, 10)).astype(np.float32)
     genes = [f"g{i}" for i in range(10)]
-    grid = L.GridLayout().fit(x, genes)
+    grid = L.GridLayout(order="input").fit(x, genes)
     assert grid.size == (4, 4)  # smallest square holding 10 genes
     assert grid.pixel_map_.gene_names_at(0, 0, 0) == ["g0"]
     assert grid.pixel_map_.gene_names_at(0, 2, 1) == ["g9"]
-    small = L.GridLayout(size=2).fit(x, genes)  # 4 pixels, 10 genes: 3 per pixel
+    small = L.GridLayout(size=2, order="input").fit(x, genes)  # 4 pixels, 10 genes: 3 per pixel
     assert small.pixel_map_.gene_names_at(0, 0, 0) == ["g0", "g1", "g2"]
     np.testing.assert_allclose(small.transform(x)[:, 0, 0, 0], x[:, :3].mean(axis=1), rtol=1e-6)
 
@@ -142,6 +142,14 @@ def test_grid_cluster_order_puts_correlated_genes_next_to_each_other():
     flat = slots[:, 0] * grid.size[1] + slots[:, 1]
     first_group = sorted(flat[[0, 2, 4]])
     assert first_group[-1] - first_group[0] == 2  # three consecutive pixels
+
+
+def test_grid_defaults_to_cluster_order_and_warns_before_clustering_many_genes(monkeypatch):
+    assert L.GridLayout().order == L.DEFAULT_GRID_ORDER == "cluster"
+    monkeypatch.setattr(L, "CLUSTER_WARN_GENES", 5)
+    x = np.random.default_rng(0).random((4, 6)).astype(np.float32)
+    with pytest.warns(UserWarning, match="clustering 6 genes.*--order input"):
+        L.GridLayout().fit(x)
 
 
 def test_layout_save_and_load_roundtrip(tmp_path, pbmc_small):

@@ -54,7 +54,7 @@ def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str
                         help="deepinsight: gene embedding (default tsne)")
     parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=None,
                         help="deepinsight/fotomics/rgb-layouts: coordinates → pixels (default bin)")
-    parser.add_argument("--order", choices=GRID_ORDERS, default=None, help="grid: gene order (default input)")
+    parser.add_argument("--order", choices=GRID_ORDERS, default=None, help="grid: gene order (default cluster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
 
 

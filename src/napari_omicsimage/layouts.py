@@ -36,7 +36,14 @@ from .render import PixelMap
 METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid")
 FEATURE_EXTRACTORS = ("tsne", "umap", "pca", "kpca", "tsne-sklearn")
 DISCRETIZATIONS = ("bin", "qtb", "lsa")
-GRID_ORDERS = ("input", "chromosome", "cluster")
+GRID_ORDERS = ("cluster", "chromosome", "input")
+#: Clustered order is the default: on every data set in docs/benchmarks.md#accuracy whose genes the
+#: annotation cannot place, it beat input order (balanced accuracy SRBCT 0.928 vs 0.880, ALL mol.biol 0.633
+#: vs 0.537, ALL B/T 1.000 vs 0.973), it beat chromosome order on PBMC (0.627 vs 0.602; medulloblastoma 0.972
+#: vs 1.000), and it needs no gene names.
+DEFAULT_GRID_ORDER = "cluster"
+#: Clustering is quadratic in genes (12,625 genes: 30 s and 1.4 GB here); above this we warn.
+CLUSTER_WARN_GENES = 10_000
 
 
 def _size(size) -> tuple[int, int]:
@@ -507,15 +514,16 @@ class GridLayout(GeneLayout):
     ``order``: ``"input"`` keeps the column order; ``"chromosome"`` sorts by
     chromosome and start (bundled annotation; genes it does not know are put
     after the annotated ones and counted in ``info_["n_unplaced"]``);
-    ``"cluster"`` uses the leaf order of average-linkage clustering of gene
-    profiles (correlation distance) over the training samples.
+    ``"cluster"`` (the default) uses the leaf order of average-linkage
+    clustering of gene profiles (correlation distance) over the training
+    samples, so co-expressed genes sit side by side.
     ``size=None`` picks the smallest square that holds every gene; a smaller
     grid puts consecutive genes in the same pixel.
     """
 
     method = "grid"
 
-    def __init__(self, size=None, order: str = "input", fill_value: float = 0.0):
+    def __init__(self, size=None, order: str = DEFAULT_GRID_ORDER, fill_value: float = 0.0):
         if order not in GRID_ORDERS:
             raise OmicsInputError(f"unknown grid order {order!r}; choose one of {GRID_ORDERS}.")
         self.requested_size = size
@@ -570,6 +578,10 @@ class GridLayout(GeneLayout):
 def _cluster_order(x: np.ndarray) -> np.ndarray:
     from scipy.cluster.hierarchy import leaves_list, linkage
 
+    if x.shape[1] > CLUSTER_WARN_GENES:
+        gib = x.shape[1] ** 2 * 8 / 2**30
+        warnings.warn(f"clustering {x.shape[1]:,} genes for the grid order needs about {gib:.1f} GiB and minutes; "
+                      "keep fewer genes (--n-top-genes) or choose --order input or chromosome", stacklevel=3)
     profiles = x.T.astype(np.float64)
     profiles = profiles - profiles.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(profiles, axis=1, keepdims=True)

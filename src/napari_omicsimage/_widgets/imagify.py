@@ -11,7 +11,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+from ..layouts import DEFAULT_GRID_ORDER, DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
 from ..pipeline import imagify
 from ._common import (
     BackgroundTask,
@@ -60,6 +60,7 @@ class ImagifyWidget(QWidget):
         self.discretization_combo.addItems(list(DISCRETIZATIONS))
         self.order_combo = QComboBox()
         self.order_combo.addItems(list(GRID_ORDERS))
+        self.order_combo.setCurrentText(DEFAULT_GRID_ORDER)
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         form = QFormLayout()
