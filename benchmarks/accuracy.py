@@ -6,10 +6,10 @@ the seed paper's set-up so its inflation can be measured). The baseline is fitte
 features in the same folds.
 
     python benchmarks/accuracy.py --quick              # smoke run: one data set, two methods, 1 repeat
-    python benchmarks/accuracy.py                      # default grid: 5 data sets × 7 methods × small CNN × 3 repeats
+    python benchmarks/accuracy.py                      # default grid: 5 data sets × 8 methods × small CNN × 3 repeats
 
-The default grid is about two core-hours of CPU work (measured: 2,440 s per repeat with one thread per
-process).  On a 2-core machine, run it as two single-threaded processes, about an hour each side by side,
+The default grid is about two core-hours of CPU work (measured: about 2,600 s per repeat with one thread
+per process).  On a 2-core machine, run it as two single-threaded processes, about an hour each side by side,
 then merge them:
 
     export OMP_NUM_THREADS=1
@@ -95,7 +95,7 @@ METHODS = {
     "fotomics": ({"method": "fotomics"}, False),
     "rgb-layouts": ({"method": "rgb-layouts"}, False),
     "grid-chromosome": ({"method": "grid", "order": "chromosome"}, False),
-    "grid-cluster": ({"method": "grid", "order": "cluster"}, False),  # ablation: does gene order matter?
+    "grid-cluster": ({"method": "grid", "order": "cluster"}, False),  # the grid default since this benchmark
     "rgb-embedding": ({"method": "rgb-embedding"}, False),
     "rgb-embedding-transductive": ({"method": "rgb-embedding"}, True),
 }
