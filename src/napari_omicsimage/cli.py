@@ -49,7 +49,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str = "deepinsight") -> None:
     parser.add_argument("--method", choices=METHODS, default=default_method, help="how samples become images")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels (default: 64; grid: smallest square; rgb-embedding: 128)")
+                        help="image side in pixels (default: 32; grid: smallest square; rgb-embedding: 128)")
     parser.add_argument("--extractor", choices=FEATURE_EXTRACTORS, default=None,
                         help="deepinsight: gene embedding (default tsne)")
     parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=None,

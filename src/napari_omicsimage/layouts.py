@@ -42,6 +42,11 @@ GRID_ORDERS = ("cluster", "chromosome", "input")
 #: vs 0.537, ALL B/T 1.000 vs 0.973), it beat chromosome order on PBMC (0.627 vs 0.602; medulloblastoma 0.972
 #: vs 1.000), and it needs no gene names.
 DEFAULT_GRID_ORDER = "cluster"
+#: Image side of the gene layouts when none is given.  32 rather than 64: with the small CNN, 64² images
+#: scored lower in 4 of 6 comparisons (Fotomics on SRBCT 0.920 vs 0.967 balanced accuracy, on ALL mol.biol
+#: 0.631 vs 0.777; docs/benchmarks.md#accuracy).  Larger images put fewer genes in each pixel, for reading
+#: saliency at finer gene resolution; ask for them with ``size``.
+DEFAULT_IMAGE_SIZE = 32
 #: Clustering is quadratic in genes (12,625 genes: 30 s and 1.4 GB here); above this we warn.
 CLUSTER_WARN_GENES = 10_000
 
@@ -103,7 +108,7 @@ def _check_matrix(x: np.ndarray, genes) -> tuple[np.ndarray, np.ndarray]:
 class GeneLayout(Layout):
     """A layout that puts genes on pixels; rendering goes through its PixelMap."""
 
-    def __init__(self, size=64, fill_value: float = 0.0):
+    def __init__(self, size=DEFAULT_IMAGE_SIZE, fill_value: float = 0.0):
         self.size = _size(size)
         self.fill_value = float(fill_value)
 
@@ -415,7 +420,7 @@ class DeepInsightLayout(GeneLayout):
 
     method = "deepinsight"
 
-    def __init__(self, size=64, feature_extractor: str = "tsne", discretization: str = "bin",
+    def __init__(self, size=DEFAULT_IMAGE_SIZE, feature_extractor: str = "tsne", discretization: str = "bin",
                  random_state: int = 0, fill_value: float = 0.0):
         super().__init__(size, fill_value)
         if feature_extractor not in FEATURE_EXTRACTORS:
@@ -450,7 +455,7 @@ class FotomicsLayout(GeneLayout):
 
     method = "fotomics"
 
-    def __init__(self, size=64, discretization: str = "bin", fill_value: float = 0.0):
+    def __init__(self, size=DEFAULT_IMAGE_SIZE, discretization: str = "bin", fill_value: float = 0.0):
         super().__init__(size, fill_value)
         self.discretization = discretization
 
@@ -479,7 +484,7 @@ class MultiLayoutRGB(GeneLayout):
 
     method = "rgb-layouts"
 
-    def __init__(self, size=64, extractors=("tsne", "pca", "umap"), discretization: str = "bin",
+    def __init__(self, size=DEFAULT_IMAGE_SIZE, extractors=("tsne", "pca", "umap"), discretization: str = "bin",
                  random_state: int = 0, fill_value: float = 0.0):
         super().__init__(size, fill_value)
         self.extractors = tuple(extractors)
@@ -716,11 +721,11 @@ class RGBEmbedding(Layout):
 def make_layout(method: str, size=None, **params) -> Layout:
     """Build an unfitted layout by method name (the CLI's ``--method``)."""
     if method == "deepinsight":
-        return DeepInsightLayout(size=size or 64, **params)
+        return DeepInsightLayout(size=size or DEFAULT_IMAGE_SIZE, **params)
     if method == "fotomics":
-        return FotomicsLayout(size=size or 64, **params)
+        return FotomicsLayout(size=size or DEFAULT_IMAGE_SIZE, **params)
     if method == "rgb-layouts":
-        return MultiLayoutRGB(size=size or 64, **params)
+        return MultiLayoutRGB(size=size or DEFAULT_IMAGE_SIZE, **params)
     if method == "grid":
         return GridLayout(size=size, **params)
     if method == "rgb-embedding":

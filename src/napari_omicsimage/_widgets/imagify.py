@@ -11,7 +11,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..layouts import DEFAULT_GRID_ORDER, DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+from ..layouts import DEFAULT_GRID_ORDER, DEFAULT_IMAGE_SIZE, DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
 from ..pipeline import imagify
 from ._common import (
     BackgroundTask,
@@ -50,7 +50,7 @@ class ImagifyWidget(QWidget):
         self.method_help = wrapped_label()
         self.size_spin = QSpinBox()
         self.size_spin.setRange(0, 512)
-        self.size_spin.setValue(48)
+        self.size_spin.setValue(DEFAULT_IMAGE_SIZE)
         self.size_spin.setSpecialValueText("automatic")
         self.size_spin.setToolTip("image side in pixels (grid: 'automatic' = smallest square holding all genes)")
         self.extractor_combo = QComboBox()
