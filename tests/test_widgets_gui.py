@@ -77,6 +77,19 @@ def test_data_and_imagify_widgets_build_the_layers(make_napari_viewer, qtbot, h5
     assert imagify.status.text().startswith("showing: grid")
 
 
+def test_imagify_size_follows_the_method_default_until_the_user_sets_one(make_napari_viewer):
+    imagify = ImagifyWidget(make_napari_viewer())
+    assert imagify.method_combo.currentText() == "deepinsight" and imagify.size_spin.value() == 32
+    assert imagify.order_combo.currentText() == "cluster"
+    imagify.method_combo.setCurrentText("grid")
+    assert imagify.layout_spec() == {"method": "grid", "size": None, "order": "cluster"}  # smallest square
+    imagify.method_combo.setCurrentText("fotomics")
+    assert imagify.layout_spec()["size"] == 32
+    imagify.size_spin.setValue(40)  # the user's choice survives method changes
+    imagify.method_combo.setCurrentText("rgb-embedding")
+    assert imagify.layout_spec()["size"] == 40
+
+
 def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_path, tmp_path):
     import anndata as ad
 

@@ -29,9 +29,14 @@ METHOD_HELP = {
     "deepinsight": "genes placed by a 2-D embedding of their profiles (similar genes sit together)",
     "fotomics": "genes placed by the Fourier transform of the samples",
     "rgb-layouts": "three gene layouts (t-SNE, PCA, UMAP) as red, green and blue",
-    "grid": "one gene per pixel, row by row (input, chromosome or cluster order)",
+    "grid": "one gene per pixel, row by row (co-expression cluster, chromosome or input order)",
     "rgb-embedding": "the published RGB method: one dot per sample; pixels are NOT genes (no gene hover)",
 }
+
+
+def _default_size_spin(method: str) -> int:
+    """The size box's default for a method (0 shows 'automatic')."""
+    return 0 if method in ("grid", "rgb-embedding") else DEFAULT_IMAGE_SIZE
 
 
 class ImagifyWidget(QWidget):
@@ -52,7 +57,8 @@ class ImagifyWidget(QWidget):
         self.size_spin.setRange(0, 512)
         self.size_spin.setValue(DEFAULT_IMAGE_SIZE)
         self.size_spin.setSpecialValueText("automatic")
-        self.size_spin.setToolTip("image side in pixels (grid: 'automatic' = smallest square holding all genes)")
+        self.size_spin.setToolTip(f"image side in pixels ('automatic': {DEFAULT_IMAGE_SIZE} for gene layouts, the "
+                                  "smallest square holding all genes for grids, 128 for rgb-embedding)")
         self.extractor_combo = QComboBox()
         self.extractor_combo.addItems(list(FEATURE_EXTRACTORS))
         self.extractor_combo.setToolTip("tsne: best-looking layouts; pca: fastest")
@@ -104,6 +110,12 @@ class ImagifyWidget(QWidget):
 
     # ----------------------------------------------------------- options
     def _method_changed(self, method: str) -> None:
+        # Follow the new method's own default size unless the user has set one: grids and the published RGB
+        # method size themselves ('automatic'), gene layouts use DEFAULT_IMAGE_SIZE.
+        previous = getattr(self, "_method", None)
+        if previous is not None and self.size_spin.value() == _default_size_spin(previous):
+            self.size_spin.setValue(_default_size_spin(method))
+        self._method = method
         self.method_help.setText(METHOD_HELP.get(method, ""))
         self.extractor_combo.setEnabled(method == "deepinsight")
         self.discretization_combo.setEnabled(method in ("deepinsight", "fotomics", "rgb-layouts"))
