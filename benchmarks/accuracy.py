@@ -8,14 +8,12 @@ features in the same folds.
     python benchmarks/accuracy.py --quick              # smoke run: one data set, two methods, 1 repeat
     python benchmarks/accuracy.py                      # default grid: 5 data sets × 8 methods × small CNN × 3 repeats
 
-The default grid is about two core-hours of CPU work (measured: about 2,600 s per repeat with one thread
-per process).  On a 2-core machine, run it as two single-threaded processes, about an hour each side by side,
-then merge them:
+The default grid is about two core-hours of CPU work (measured: about 2,600 s per repeat with one thread).
+``--jobs`` (default 2 where there are two cores) splits the data sets over that many processes, balanced by
+their measured cost (pbmc + medulloblastoma against the rest), shares the cores between them and merges their
+CSVs, so on a 2-core machine the default run takes about an hour.  Runs made separately merge with
 
-    export OMP_NUM_THREADS=1
-    python benchmarks/accuracy.py --datasets pbmc srbct --out r/a.csv &
-    python benchmarks/accuracy.py --datasets medulloblastoma all_bt all_molbio --out r/b.csv; wait
-    python benchmarks/accuracy.py --summarise r/a.csv r/b.csv --plot accuracy.png
+    python benchmarks/accuracy.py --summarise a.csv b.csv --plot accuracy.png
 
 Larger settings (ResNet-18 and EfficientNet-B0 take 5-20× longer on a CPU) are meant for a GPU:
 
@@ -29,6 +27,8 @@ Prints a Markdown table (mean ± sd over all folds of all repeats) and writes ev
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -260,6 +260,64 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def report(paths: list[Path], plot_path: Path | None) -> None:
+    """Print the full table and the at-a-glance matrix (and plot) from fold CSVs."""
+    frame = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+    render = {}
+    for path in paths:
+        timing = path.with_name(path.stem + "_render.csv")
+        if timing.exists():
+            timing = with_defaults(pd.read_csv(timing))
+            render.update({(r.dataset, r.method, r.size): r.render_s for r in timing.itertuples()})
+    print(summarise(frame, render))
+    print("\nBalanced accuracy at a glance:\n")
+    print(glance(frame))
+    if plot_path:
+        plot(frame, plot_path)
+        print(f"\nplot written to {plot_path}")
+
+
+#: Measured seconds per repeat of the default methods with the small CNN (one thread), to balance --jobs.
+COST = {"pbmc": 1040, "all_molbio": 560, "all_bt": 450, "srbct": 315, "medulloblastoma": 250}
+
+
+def run_in_processes(args) -> int:
+    """Split the data sets over ``args.jobs`` child processes (longest first, onto the least loaded), run them
+    side by side with the cores shared out, then merge their CSVs into ``args.out``."""
+    groups: list[list[str]] = [[] for _ in range(min(args.jobs, len(args.datasets)))]
+    for key in sorted(args.datasets, key=lambda k: -COST.get(k, 500)):
+        min(groups, key=lambda g: sum(COST.get(k, 500) for k in g)).append(key)
+    threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    parts, children = [], []
+    for i, group in enumerate(groups):
+        part = args.out.with_name(f"{args.out.stem}.part{i}.csv")
+        command = [sys.executable, __file__, "--jobs", "1", "--datasets", *group, "--methods", *args.methods,
+                   "--models", *args.models, "--big-models-on", *args.big_models_on, "--repeats", str(args.repeats),
+                   "--folds", str(args.folds), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                   "--lr", str(args.lr), "--size", str(args.size), "--n-top-genes", str(args.n_top_genes),
+                   "--device", args.device, "--out", str(part)]
+        log = part.with_suffix(".log")
+        print(f"process {i}: {' '.join(group)} ({threads} thread(s)); progress in {log}", flush=True)
+        children.append(subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT))
+        parts.append(part)
+    failed = [i for i, child in enumerate(children) if child.wait() != 0]
+    if failed:
+        print(f"process(es) {failed} failed: see their logs; finished parts are kept", file=sys.stderr)
+        return 1
+    pd.concat([pd.read_csv(p) for p in parts], ignore_index=True).to_csv(args.out, index=False)
+    render_out = args.out.with_name(args.out.stem + "_render.csv")
+    pd.concat([pd.read_csv(p.with_name(p.stem + "_render.csv")) for p in parts], ignore_index=True).to_csv(
+        render_out, index=False)
+    for p in parts:
+        p.unlink()
+        p.with_name(p.stem + "_render.csv").unlink()
+    print()
+    report([args.out], args.plot)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -283,26 +341,20 @@ def main(argv=None) -> int:
                         help="take --epochs, --batch-size and --lr from a named training protocol")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="CSV", default=None,
                         help="print the table (and --plot) from fold CSVs written by earlier runs; runs nothing")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="run the data sets in this many processes side by side, the CPU cores shared "
+                             "between them (default: 2 where there are 2 or more cores)")
     args = parser.parse_args(argv)
     if args.summarise:
-        frame = pd.concat([pd.read_csv(path) for path in args.summarise], ignore_index=True)
-        render = {}
-        for path in args.summarise:
-            timing = path.with_name(path.stem + "_render.csv")
-            if timing.exists():
-                timing = with_defaults(pd.read_csv(timing))
-                render.update({(r.dataset, r.method, r.size): r.render_s for r in timing.itertuples()})
-        print(summarise(frame, render))
-        print("\nBalanced accuracy at a glance:\n")
-        print(glance(frame))
-        if args.plot:
-            plot(frame, args.plot)
+        report(args.summarise, args.plot)
         return 0
     if args.protocol:
         vars(args).update(PROTOCOLS[args.protocol])
     if args.quick:
         args.datasets, args.methods, args.models = ["srbct"], ["grid-chromosome", "fotomics"], ["small"]
         args.repeats, args.epochs, args.size = 1, 2, 16
+    if args.jobs > 1 and len(args.datasets) > 1:
+        return run_in_processes(args)
 
     rows, render = [], {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,17 +377,12 @@ def main(argv=None) -> int:
                     pd.DataFrame(rows).to_csv(args.out, index=False)  # keep partial results
                     pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec} for (d, m, z), sec in render.items()]
                                  ).to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
-    frame = pd.DataFrame(rows)
+    pd.DataFrame(rows).to_csv(args.out, index=False)
     render_frame = pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec}
                                  for (d, m, z), sec in render.items()])
     render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
     print()
-    print(summarise(frame, render))
-    print("\nBalanced accuracy at a glance:\n")
-    print(glance(frame))
-    if args.plot:
-        plot(frame, args.plot)
-        print(f"\nplot written to {args.plot}")
+    report([args.out], args.plot)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The core benchmark script runs and its comparisons hold on tiny inputs (values, never timings)."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -143,3 +144,21 @@ def test_accuracy_script_writes_folds_and_merges_runs(tmp_path, capsys):
     assert any("| paper | fotomics | 32 | small |" in r for r in rows)  # rows without a size were run at 32
     assert any("| 5 × 1 | 2 ep, batch 16, lr 0.001 | grid-chromosome | grid | small |" in r for r in rows)
     assert plot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not SRBCT.exists(), reason="needs ../shared/data")
+def test_accuracy_script_splits_data_sets_over_processes_and_merges_them(tmp_path):
+    out = tmp_path / "folds.csv"
+    result = subprocess.run(
+        [sys.executable, str(BENCH.with_name("accuracy.py")), "--jobs", "2", "--datasets", "srbct", "medulloblastoma",
+         "--methods", "fotomics", "--repeats", "1", "--epochs", "1", "--folds", "4", "--size", "16",
+         "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    folds = pd.read_csv(out)
+    assert sorted(folds.dataset.unique()) == ["medulloblastoma:subgroup", "srbct:label"]
+    assert len(folds) == 2 * 4  # each data set's 4 folds, merged from the two processes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folds.csv", "folds.part0.log", "folds.part1.log",
+                                                          "folds_render.csv"]
+    assert "process 0:" in result.stdout and "| *logistic regression (baseline)* |" in result.stdout
