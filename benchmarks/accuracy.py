@@ -288,7 +288,11 @@ def run_in_processes(args) -> int:
     for key in sorted(args.datasets, key=lambda k: -COST.get(k, 500)):
         min(groups, key=lambda g: sum(COST.get(k, 500) for k in g)).append(key)
     threads = str(max(1, (os.cpu_count() or 1) // len(groups)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # NUMBA_NUM_THREADS too: UMAP's numba sets OpenMP's thread count, which torch shares, to numba's (all cores
+    # by default), so without it every process trains with all cores after its first UMAP fit and they
+    # oversubscribe the machine (pbmc folds ran 3-4× slower).
+    env = {**os.environ, **{name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                        "NUMBA_NUM_THREADS")}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     parts, children = [], []
     for i, group in enumerate(groups):
