@@ -36,10 +36,9 @@ log = logging.getLogger(__name__)
 #: Named training protocols (Adam and cross-entropy in both).  ``paper`` is the
 #: seed paper's (5 epochs, batch 32, learning rate 1e-4); on data sets of tens
 #: to hundreds of samples it is 10 (50 samples) to 90 (700 cells) optimiser
-#: steps per fold, and the networks,
-#: trained from random initialisation, stay near chance (balanced accuracy
-#: 0.34-0.47 on the 4-class medulloblastoma subset, where a logistic regression
-#: scores 1.0; docs/benchmarks.md#accuracy).  ``recommended`` (20 epochs, batch
+#: steps per fold, and the networks, trained from random initialisation, stay
+#: near chance (balanced accuracy 0.34-0.47 on the 4-class medulloblastoma
+#: subset, where a logistic regression scores 1.0; docs/benchmarks.md#accuracy).  ``recommended`` (20 epochs, batch
 #: 16, learning rate 1e-3) is the default: it beat ``paper`` on all five data
 #: sets for every method measured.
 PROTOCOLS: dict[str, dict] = {

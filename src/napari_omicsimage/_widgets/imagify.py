@@ -48,6 +48,7 @@ class ImagifyWidget(QWidget):
         self.session = get_session(napari_viewer)
         self.task = BackgroundTask()
         self._run_id = 0
+        self._method: str | None = None  # the method whose default size the size box shows
 
         self.method_combo = QComboBox()
         self.method_combo.addItems(list(METHODS))
@@ -112,7 +113,7 @@ class ImagifyWidget(QWidget):
     def _method_changed(self, method: str) -> None:
         # Follow the new method's own default size unless the user has set one: grids and the published RGB
         # method size themselves ('automatic'), gene layouts use DEFAULT_IMAGE_SIZE.
-        previous = getattr(self, "_method", None)
+        previous = self._method
         if previous is not None and self.size_spin.value() == _default_size_spin(previous):
             self.size_spin.setValue(_default_size_spin(method))
         self._method = method
