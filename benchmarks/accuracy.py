@@ -8,10 +8,10 @@ features in the same folds.
     python benchmarks/accuracy.py --quick              # smoke run: one data set, two methods, 1 repeat
     python benchmarks/accuracy.py                      # default grid: 5 data sets × 8 methods × small CNN × 3 repeats
 
-The default grid is about two core-hours of CPU work (measured: about 2,600 s per repeat with one thread).
+The default grid is about 1.5 core-hours of CPU work.
 ``--jobs`` (default 2 where there are two cores) splits the data sets over that many processes, balanced by
 their measured cost (pbmc + medulloblastoma against the rest), shares the cores between them and merges their
-CSVs, so on a 2-core machine the default run takes about an hour.  Runs made separately merge with
+CSVs: on a 2-core machine the default run took 44 minutes.  Runs made separately merge with
 
     python benchmarks/accuracy.py --summarise a.csv b.csv --plot accuracy.png
 
