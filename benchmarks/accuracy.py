@@ -251,8 +251,9 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=colour, label=model) for model, colour in colours.items() if model in set(frame.model)]
-    if (frame.protocol != "recommended").any():
-        handles.append(Patch(facecolor="#999999", hatch="//", edgecolor="white", label="paper protocol"))
+    others = sorted(set(frame.protocol) - {"recommended"})
+    if others:
+        handles.append(Patch(facecolor="#999999", hatch="//", edgecolor="white", label=", ".join(others) + " protocol"))
     handles.append(axes.flat[0].get_legend_handles_labels()[0][0])
     fig.legend(handles=handles, loc="lower right", fontsize=9, frameon=False)
     fig.tight_layout()
@@ -260,12 +261,24 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def render_path(out: Path) -> Path:
+    """Where the render timings of the fold CSV ``out`` go."""
+    return out.with_name(out.stem + "_render.csv")
+
+
+def write_results(rows: list[dict], render: dict, out: Path) -> None:
+    """Fold rows to ``out``, render seconds per (data set, method, size) beside it."""
+    pd.DataFrame(rows).to_csv(out, index=False)
+    pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec} for (d, m, z), sec in render.items()]
+                 ).to_csv(render_path(out), index=False)
+
+
 def report(paths: list[Path], plot_path: Path | None) -> None:
     """Print the full table and the at-a-glance matrix (and plot) from fold CSVs."""
     frame = pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
     render = {}
     for path in paths:
-        timing = path.with_name(path.stem + "_render.csv")
+        timing = render_path(path)
         if timing.exists():
             timing = with_defaults(pd.read_csv(timing))
             render.update({(r.dataset, r.method, r.size): r.render_s for r in timing.itertuples()})
@@ -311,12 +324,11 @@ def run_in_processes(args) -> int:
         print(f"process(es) {failed} failed: see their logs; finished parts are kept", file=sys.stderr)
         return 1
     pd.concat([pd.read_csv(p) for p in parts], ignore_index=True).to_csv(args.out, index=False)
-    render_out = args.out.with_name(args.out.stem + "_render.csv")
-    pd.concat([pd.read_csv(p.with_name(p.stem + "_render.csv")) for p in parts], ignore_index=True).to_csv(
-        render_out, index=False)
+    pd.concat([pd.read_csv(render_path(p)) for p in parts], ignore_index=True).to_csv(render_path(args.out),
+                                                                                       index=False)
     for p in parts:
         p.unlink()
-        p.with_name(p.stem + "_render.csv").unlink()
+        render_path(p).unlink()
     print()
     report([args.out], args.plot)
     return 0
@@ -378,13 +390,8 @@ def main(argv=None) -> int:
                     bal = np.mean([r["balanced_accuracy"] for r in new])
                     print(f"{ds_name:28s} {method:27s} {model:16s} repeat {repeat}: balanced acc {bal:.3f} "
                           f"({time.perf_counter() - t:.1f} s)", flush=True)
-                    pd.DataFrame(rows).to_csv(args.out, index=False)  # keep partial results
-                    pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec} for (d, m, z), sec in render.items()]
-                                 ).to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
-    pd.DataFrame(rows).to_csv(args.out, index=False)
-    render_frame = pd.DataFrame([{"dataset": d, "method": m, "size": z, "render_s": sec}
-                                 for (d, m, z), sec in render.items()])
-    render_frame.to_csv(args.out.with_name(args.out.stem + "_render.csv"), index=False)
+                    write_results(rows, render, args.out)  # keep partial results
+    write_results(rows, render, args.out)
     print()
     report([args.out], args.plot)
     return 0
