@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import os
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -11,9 +13,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shared_path(*parts) -> Path:
+    """A path under ../shared/data. Missing data skip a local run, but fail under CI=true: CI always has
+    them, so a broken path must never turn into a green run."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
+        message = f"shared data not found at {path}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: shared data must be present)")
+        pytest.skip(message)
     return path
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
 
@@ -115,11 +116,8 @@ def test_training_throughput_script_prints_a_row_per_model():
     assert ratio == pytest.approx(pipeline / backbone, rel=0.02)
 
 
-SRBCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "srbct_khan"
-
-
-@pytest.mark.skipif(not SRBCT.exists(), reason="needs ../shared/data/srbct_khan")
 def test_accuracy_script_writes_folds_and_merges_runs(tmp_path, capsys):
+    shared_path("srbct_khan")
     spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH.with_name("accuracy.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules["accuracy_bench"] = module  # dataclasses look their module up by name
@@ -146,8 +144,8 @@ def test_accuracy_script_writes_folds_and_merges_runs(tmp_path, capsys):
     assert plot.stat().st_size > 10_000
 
 
-@pytest.mark.skipif(not SRBCT.exists(), reason="needs ../shared/data")
 def test_accuracy_script_splits_data_sets_over_processes_and_merges_them(tmp_path):
+    shared_path("srbct_khan")
     out = tmp_path / "folds.csv"
     result = subprocess.run(
         [sys.executable, str(BENCH.with_name("accuracy.py")), "--jobs", "2", "--datasets", "srbct", "medulloblastoma",
