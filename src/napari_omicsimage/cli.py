@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .errors import OmicsInputError
@@ -97,7 +98,9 @@ def load_input(args, *, require_labels: bool = True):
         from .io import attach_labels, _read_labels
         from .streaming import open_cells
 
+        started = time.perf_counter()
         adata = open_cells(path)
+        log.info("stage read: %.2f s", time.perf_counter() - started)
         label_column = args.label_column
         if args.labels:
             attach_labels(adata, _read_labels(args.labels, args.sample_column), label_column)

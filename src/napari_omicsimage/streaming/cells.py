@@ -101,8 +101,46 @@ def open_cells(path: str | Path, *, label_column: str | None = None) -> ad.AnnDa
     return adata
 
 
+class _CSRRows:
+    """Contiguous rows of an on-disk CSR matrix straight from its h5py datasets.
+
+    anndata's backed ``X[start:stop]`` gives the same matrix but re-validates
+    its arguments at every call (about 18 ms here, half of a streaming epoch's
+    reading time); the row pointers (8 bytes per cell) are read once.
+    """
+
+    def __init__(self, group):
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = group["indptr"][...]
+        self.n_cols = int(group.attrs["shape"][1])
+
+    def __call__(self, start: int, stop: int) -> sp.csr_matrix:
+        first, last = int(self.indptr[start]), int(self.indptr[stop])
+        return sp.csr_matrix((np.asarray(self.data[first:last], dtype=np.float32), self.indices[first:last],
+                              self.indptr[start:stop + 1] - first), shape=(stop - start, self.n_cols))
+
+
+_ROW_READERS: dict[int, tuple] = {}
+
+
+def _row_reader(adata: ad.AnnData):
+    """The :class:`_CSRRows` of a backed CSR ``adata`` (cached per object), else None."""
+    import weakref
+
+    if not adata.isbacked or not isinstance(adata.X, ad.abc.CSRDataset):
+        return None
+    cached = _ROW_READERS.get(id(adata))
+    if cached is None or cached[0]() is not adata:
+        cached = (weakref.ref(adata), _CSRRows(adata.file["X"]))
+        _ROW_READERS[id(adata)] = cached
+    return cached[1]
+
+
 def read_rows(adata: ad.AnnData, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of ``X`` as float32 CSR (backed or in memory, sparse or dense)."""
+    reader = _row_reader(adata)
+    if reader is not None:
+        return reader(start, stop)
     block = adata.X[start:stop]
     if sp.issparse(block):
         return sp.csr_matrix(block, dtype=np.float32)

@@ -125,10 +125,9 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
         from .._cli_models import _ConsoleProgress
 
         progress = _ConsoleProgress(True) if rank == 0 else None
-        model, history, cancelled = timer.run(
-            "train", fit_network_streaming, adata, rows, y, len(classes), preprocessor, layout,
-            state["subsample"], config, options, device=device, progress=progress, rank=rank, world_size=world,
-            wrap=wrap)
+        model, history, cancelled = fit_network_streaming(
+            adata, rows, y, len(classes), preprocessor, layout, state["subsample"], config, options,
+            device=device, progress=progress, rank=rank, world_size=world, wrap=wrap, timer=timer)
         if rank == 0:
             if backend == "nccl":  # SyncBatchNorm back to BatchNorm: the checkpoint is an ordinary network
                 model = _plain_batchnorm(model, config, layout.n_channels, len(classes))

@@ -127,6 +127,53 @@ class CellBatches(IterableDataset):
         return x, (self.y[rows] if self.y is not None else rows)
 
 
+def prefetched(iterable, depth: int = 2):
+    """Iterate ``iterable`` in a background thread, ``depth`` items ahead.
+
+    Reading (h5py) and the sparse preprocessing release the GIL for much of
+    their work, as does the network's step, so the next batches are prepared
+    while the current one trains.  An exception in the thread is raised here.
+    """
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill():
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=fill, name="omicsimage-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (max_steps, cancel): let the thread end
+        thread.join(timeout=5)
+
+
 class StreamingBatches:
     """The epoch source :func:`napari_omicsimage.training.train_loop` trains on, fed by :class:`CellBatches`.
 
@@ -149,7 +196,7 @@ class StreamingBatches:
         import torch
 
         self.dataset.set_epoch(epoch)
-        for b, (x, y) in enumerate(self.dataset):
+        for b, (x, y) in enumerate(prefetched(self.dataset)):
             if x.shape[0] == 1 and self.dataset.batch_size > 1:
                 continue  # as ShuffledBatches: a one-cell batch breaks BatchNorm
             yield (b, self.layout.transform(x, device=self.device),

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anndata as ad
@@ -25,7 +25,7 @@ from ..errors import OmicsInputError
 from ..io import check_labels
 from ..models import MAX_MISSING_FRACTION, build_model, resolve_device
 from ..preprocess import Preprocessor
-from ..training import ProgressEvent, TrainConfig, TrainedModel, class_indices, train_loop
+from ..training import ProgressEvent, TrainConfig, TrainedModel, class_indices, recalibrate_batchnorm, train_loop
 from .cells import block_anndata, iter_row_blocks
 from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor
 from .loader import CellBatches, StreamingBatches
@@ -79,7 +79,8 @@ def fit_inputs(adata: ad.AnnData, rows: np.ndarray, y: np.ndarray, layout_spec: 
 
 def fit_network_streaming(adata, rows, y, n_classes: int, preprocessor: Preprocessor, layout, subsample,
                           config: TrainConfig, options: StreamingOptions, *, device, progress=None,
-                          rank: int = 0, world_size: int = 1, wrap=None, fold=None, n_folds=None):
+                          rank: int = 0, world_size: int = 1, wrap=None, fold=None, n_folds=None,
+                          timer: StageTimer | None = None):
     """Train a fresh network on block-shuffled batches; returns ``(model, history, cancelled)``.
 
     ``wrap`` (e.g. ``DistributedDataParallel``) wraps the network after it is
@@ -98,8 +99,15 @@ def fit_network_streaming(adata, rows, y, n_classes: int, preprocessor: Preproce
                           block_cells=options.block_cells, fetch_blocks=options.fetch_blocks,
                           seed=int(config.seed), rank=rank, world_size=world_size)
     source = StreamingBatches(dataset, layout, device, subsample)
-    history, cancelled = train_loop(trained, source, config, progress=progress, fold=fold, n_folds=n_folds,
-                                    max_steps=options.max_steps)
+    timer = timer or StageTimer()
+    history, cancelled = timer.run("train", train_loop, trained, source, replace(config, recalibrate_batchnorm=False),
+                                   progress=progress, fold=fold, n_folds=n_folds, max_steps=options.max_steps)
+    if config.recalibrate_batchnorm and history:  # on the layout's subsample: bounded, and timed apart
+        use_amp = bool(config.mixed_precision and device.type == "cuda")
+        timer.run("calibrate", recalibrate_batchnorm, model, source, mixed_precision=use_amp)
+    model.eval()
+    timer.seconds["train_steps"] = sum(len(h["batch_losses"]) for h in history)
+    log.info("stage train_steps: %d steps", timer.seconds["train_steps"])
     return model, history, cancelled
 
 
@@ -113,9 +121,9 @@ def train_streaming(adata: ad.AnnData, label_column: str, layout_spec: dict, con
     rows = np.arange(adata.n_obs)
     preprocessor, layout, subsample = fit_inputs(adata, rows, y, layout_spec, config, options, timer)
     device = resolve_device(config.device)
-    model, history, cancelled = timer.run(
-        "train", fit_network_streaming, adata, rows, y, len(classes), preprocessor, layout, subsample, config,
-        options, device=device, progress=progress)
+    model, history, cancelled = fit_network_streaming(
+        adata, rows, y, len(classes), preprocessor, layout, subsample, config, options, device=device,
+        progress=progress, timer=timer)
     trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes, config=config,
                            history=history, cancelled=cancelled, label_column=label_column,
                            layout_spec=dict(layout_spec), fill_values=preprocessor.scaled_mean_)

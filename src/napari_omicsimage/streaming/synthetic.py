@@ -13,7 +13,8 @@ The model, per cell ``i`` of type ``t``:
   mean ``density`` and the ``markers`` genes of type ``t`` are 6× likelier
   (+0.1) in cells of that type;
 * the count of a detected gene: ``1 + Poisson(s_i · μ_tg)``, ``μ`` 0.5
-  (marker genes in their own type: 3).
+  (marker genes in their own type: 3; 1 % highly expressed genes, detected
+  in 90 % of cells: 30).
 
 At the defaults 2–5 % of the matrix is non-zero (3 % for ``density=0.03``).
 """
@@ -28,9 +29,15 @@ import pandas as pd
 
 
 def synthetic_counts_h5ad(path: str | Path, n_cells: int, n_genes: int = 20_000, *, n_types: int = 10,
-                          density: float = 0.03, markers: int = 50, seed: int = 0, chunk_cells: int = 10_000,
-                          label_column: str = "cell_type") -> Path:
-    """Write ``n_cells`` × ``n_genes`` synthetic counts with labels in ``obs[label_column]``; returns ``path``."""
+                          density: float = 0.03, markers: int = 50, seed: int = 0, cell_seed: int | None = None,
+                          chunk_cells: int = 10_000, label_column: str = "cell_type",
+                          name_prefix: str = "cell") -> Path:
+    """Write ``n_cells`` × ``n_genes`` synthetic counts with labels in ``obs[label_column]``; returns ``path``.
+
+    ``seed`` fixes the genes (detection, markers, means); ``cell_seed`` (default:
+    ``seed``) the cells, so two files with one ``seed`` and two ``cell_seed``
+    are a training set and a held-out set of the same cell types.
+    """
     import h5py
 
     path = Path(path)
@@ -39,15 +46,19 @@ def synthetic_counts_h5ad(path: str | Path, n_cells: int, n_genes: int = 20_000,
     base *= density / base.mean()
     detect = np.tile(np.minimum(base, 0.9), (n_types, 1))
     mean_count = np.full((n_types, n_genes), 0.5)
+    # about 1 % highly expressed, always-detected genes (as mitochondrial and ribosomal genes are)
+    high = rng.choice(n_genes, size=max(1, n_genes // 100), replace=False)
+    detect[:, high], mean_count[:, high] = 0.9, 30.0
     for t in range(n_types):
         own = rng.choice(n_genes, size=markers, replace=False)
         detect[t, own] = np.minimum(detect[t, own] * 6 + 0.1, 0.9)
         mean_count[t, own] = 3.0
     cumulative = np.cumsum(detect, axis=1)
+    rng = np.random.default_rng([seed, seed if cell_seed is None else cell_seed])
     cell_types = rng.integers(0, n_types, size=n_cells)
     names = np.array([f"type_{t}" for t in range(n_types)])
     obs = pd.DataFrame({label_column: pd.Categorical(names[cell_types], categories=names)},
-                       index=pd.Index([f"cell_{i:07d}" for i in range(n_cells)]))
+                       index=pd.Index([f"{name_prefix}_{i:07d}" for i in range(n_cells)]))
     var = pd.DataFrame(index=pd.Index([f"gene_{g:05d}" for g in range(n_genes)]))
     ad.AnnData(obs=obs, var=var).write_h5ad(path)  # obs, var, empty uns/obsm/...; X added below
 
