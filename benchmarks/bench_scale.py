@@ -17,9 +17,9 @@ runs each tool in its own child process:
   predict`` of every cell of the file (one child) and of the held-out file
   (accuracy);
 * **CellTypist**: ``celltypist.train`` (log1p-normalised to 10⁴, as it
-  requires; SGD with mini-batches above 50,000 cells, its advice for large
-  data) on the file read in memory as sparse, then ``celltypist.annotate`` of
-  the held-out file;
+  requires; above 50,000 cells SGD with mini-batches and ``with_mean=False``,
+  its own advice and option for large sparse data) on the file read in memory
+  as sparse, then ``celltypist.annotate`` of the held-out file;
 * **pyDeepInsight**: ``ImageTransformer`` (t-SNE, scikit-learn, cosine; 32²)
   ``fit`` + ``transform`` of the cells × 2,000 preprocessed genes, which it
   needs dense; skipped where its output alone (N × 32 × 32 × 3 float64) would
@@ -153,8 +153,10 @@ def child_celltypist(args) -> dict:
     adata = _normalised_in_memory(args.file)
     read = time.perf_counter() - started
     large = adata.n_obs > 50_000
+    # above 50,000 cells: CellTypist's own advice for large data (SGD on mini-batches) and with_mean=False,
+    # its option to keep a sparse matrix sparse (centring would make 10⁵ × 2·10⁴ dense: 16 GB)
     model = celltypist.train(adata, labels=LABEL, feature_selection=False, n_jobs=1, use_SGD=large,
-                             mini_batch=large, check_expression=False)
+                             mini_batch=large, with_mean=not large, check_expression=False)
     trained = time.perf_counter() - started
     del adata
     test = _normalised_in_memory(args.test_file)
@@ -189,7 +191,41 @@ def child_deepinsight(args) -> dict:
             "images_mb": images.nbytes / 2**20}
 
 
-CHILDREN = {"ours-train": child_ours_train, "ours-predict": child_ours_predict, "celltypist": child_celltypist,
+def child_trust(args) -> dict:
+    """Trustworthiness of DeepInsight gene layouts fitted on all cells and on stratified subsamples."""
+    import numpy as np
+    from bench_core import gene_trustworthiness
+
+    from napari_omicsimage.preprocess import PreprocessConfig
+    from napari_omicsimage.streaming import fit_preprocessor, open_cells
+    from napari_omicsimage.streaming.cells import stratified_subsample
+    from napari_omicsimage.streaming.fit import transform_rows
+    from napari_omicsimage.training import fit_layout
+
+    adata = open_cells(args.file)
+    labels = adata.obs[LABEL].astype(str).to_numpy()
+    preprocessor = fit_preprocessor(adata, None, PreprocessConfig(log_scale=False))
+    x_all = transform_rows(adata, np.arange(adata.n_obs), preprocessor).toarray()
+    genes = np.arange(x_all.shape[1])
+    report = {"code": 0, "cells": int(adata.n_obs)}
+    for n in [adata.n_obs, *args.trust_cells]:
+        if n > adata.n_obs:
+            continue
+        rows = stratified_subsample(labels, np.arange(adata.n_obs), int(n), seed=0)
+        scores = []
+        for seed in (0, 1, 2):  # t-SNE's own variation, to compare the change against
+            started = time.perf_counter()
+            layout, _ = fit_layout({"method": "deepinsight", "size": 32, "random_state": seed}, x_all[rows],
+                                   preprocessor.genes_)
+            seconds = time.perf_counter() - started
+            scores.append(gene_trustworthiness(x_all, layout.pixel_map_.gene_pixels[0], genes))
+        report[f"trust_{n}"] = scores
+        report[f"fit_seconds_{n}"] = seconds
+    report["peak_mb"] = _peak_mb()
+    return report
+
+
+CHILDREN = {"trust": child_trust, "ours-train": child_ours_train, "ours-predict": child_ours_predict, "celltypist": child_celltypist,
             "deepinsight": child_deepinsight}
 
 
@@ -203,7 +239,8 @@ def run_child(mode: str, cap_gb: float, threads: int, timeout: float, **options)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     argv = [sys.executable, __file__, "--child", mode]
     for key, value in options.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{key.replace('_', '-')}", *map(str, values)]
     report_file = Path(tempfile.mkstemp(suffix=".json")[1])
     argv += ["--report", str(report_file)]
     started = time.perf_counter()
@@ -253,28 +290,62 @@ def bench_size(n_cells: int, args, folder: Path) -> dict:
                               name_prefix="test")
     model_file = folder / f"model_{n_cells}.pt"
     common = {"cap_gb": args.cap_gb, "threads": args.threads, "timeout": args.timeout}
-    train = run_child("ours-train", **common, file=data, model_file=model_file, steps=args.steps,
-                      batch_size=args.batch_size, model=args.model, device=args.device)
+    train = {"failed": "not run (--tools)"}
+    if "ours" in args.tools:
+        train = run_child("ours-train", **common, file=data, model_file=model_file, steps=args.steps,
+                          batch_size=args.batch_size, model=args.model, device=args.device)
+        print(f"  ours train: {json.dumps(train)}", flush=True)
     row["ours_train"] = train
-    print(f"  ours train: {json.dumps(train)}", flush=True)
     if "failed" not in train:
         for name, path in (("ours_predict_all", data), ("ours_predict_test", test)):
+            if name == "ours_predict_all" and n_cells > args.predict_all_max:
+                row[name] = {"failed": f"not run: above --predict-all-max {args.predict_all_max:,} cells (time)"}
+                continue
             row[name] = run_child("ours-predict", **common, file=path, model_file=model_file,
                                   out_csv=folder / f"{name}_{n_cells}.csv", device=args.device)
             print(f"  {name}: {json.dumps(row[name])}", flush=True)
+    reference = {**common, "cap_gb": args.cap_gb_reference or args.cap_gb}
     if "celltypist" in args.tools:
-        row["celltypist"] = run_child("celltypist", **common, file=data, test_file=test)
+        row["celltypist"] = run_child("celltypist", **reference, file=data, test_file=test)
         print(f"  celltypist: {json.dumps(row['celltypist'])}", flush=True)
     if "deepinsight" in args.tools:
         images_gb = n_cells * 32 * 32 * 3 * 8 / 2**30
-        if images_gb > args.cap_gb:
+        if images_gb > (args.cap_gb_reference or args.cap_gb):
             row["deepinsight"] = {"failed": f"not run: its float64 images alone are {images_gb:.1f} GB > cap"}
         else:
-            row["deepinsight"] = run_child("deepinsight", **common, file=data)
+            row["deepinsight"] = run_child("deepinsight", **reference, file=data)
         print(f"  deepinsight: {json.dumps(row['deepinsight'])}", flush=True)
     for path in folder.glob(f"*_{n_cells}.*"):
         path.unlink()
     return row
+
+
+def trust_report(args, folder: Path) -> str:
+    from napari_omicsimage.streaming.synthetic import synthetic_counts_h5ad
+
+    try:
+        data = synthetic_counts_h5ad(folder / "trust.h5ad", args.trust, args.genes, density=args.density, seed=0)
+        result = run_child("trust", cap_gb=args.cap_gb, threads=args.threads, timeout=args.timeout, file=data,
+                           trust_cells=args.trust_cells)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if "failed" in result:
+        return f"trustworthiness run failed: {result['failed']}"
+    import numpy as np
+
+    lines = [f"DeepInsight (t-SNE, 32²) gene layouts of {args.trust:,} cells × {args.genes:,} genes (2,000 HVG): "
+             "trustworthiness (10 neighbours, cosine) against the gene profiles over ALL cells, 3 t-SNE seeds",
+             "", "| layout fitted on | trustworthiness (mean ± sd of 3 seeds) | change vs all cells | fit time |",
+             "|---|---:|---:|---:|"]
+    reference = np.mean(result[f"trust_{args.trust}"])
+    for key in [k for k in result if k.startswith("trust_")]:
+        n = int(key.split("_")[1])
+        scores = np.asarray(result[key])
+        lines.append(f"| {n:,} cells | {scores.mean():.4f} ± {scores.std(ddof=1):.4f} | "
+                     f"{scores.mean() - reference:+.4f} | {result[f'fit_seconds_{n}']:.0f} s |")
+    report = "\n".join(lines)
+    print(report)
+    return report
 
 
 def table(rows: list[dict]) -> str:
@@ -286,18 +357,23 @@ def table(rows: list[dict]) -> str:
         train = row["ours_train"]
         stages = train.get("stages", {})
         predict_all = row.get("ours_predict_all", {})
+        predict_note = predict_all.get("failed")
         test = row.get("ours_predict_test", {})
         peak = max(train.get("peak_mb", 0), predict_all.get("peak_mb", 0), test.get("peak_mb", 0))
         ratio = (f"{train['pipeline_ips']:,.0f} / {train['network_ips']:,.0f} = "
                  f"{train['pipeline_ips'] / train['network_ips']:.2f}") if "pipeline_ips" in train else "–"
-        status = f" ({train['failed']})" if "failed" in train else ""
-        lines.append(
-            f"| {size} | {row['file_mb']:,.0f} MB | ours{status} | {peak / 1024:.2f} GB (train "
-            f"{train.get('peak_mb', 0) / 1024:.2f}, predict {predict_all.get('peak_mb', 0) / 1024:.2f}) | "
-            f"{_fmt(stages.get('read'), '.1f')} s | {_fmt(stages.get('preprocess'), '.1f')} s | "
-            f"{_fmt(stages.get('layout'), '.1f')} s | {_fmt(stages.get('train'), '.1f')} s "
-            f"({_fmt(stages.get('train_steps'), '.0f')}) | {_fmt(stages.get('calibrate'), '.1f')} s | "
-            f"{_fmt(predict_all.get('seconds'), '.0f')} s | {ratio} | {_fmt(test.get('accuracy'), '.3f')} |")
+        if train.get("failed") == "not run (--tools)":
+            lines.append(f"| {size} | {row['file_mb']:,.0f} MB | ours: in another run | | | | | | | | | |")
+        else:
+            status = f" ({train['failed']})" if "failed" in train else ""
+            lines.append(
+                f"| {size} | {row['file_mb']:,.0f} MB | ours{status} | {peak / 1024:.2f} GB (train "
+                f"{train.get('peak_mb', 0) / 1024:.2f}, predict {predict_all.get('peak_mb', 0) / 1024:.2f}) | "
+                f"{_fmt(stages.get('read'), '.1f')} s | {_fmt(stages.get('preprocess'), '.1f')} s | "
+                f"{_fmt(stages.get('layout'), '.1f')} s | {_fmt(stages.get('train'), '.1f')} s "
+                f"({_fmt(stages.get('train_steps'), '.0f')}) | {_fmt(stages.get('calibrate'), '.1f')} s | "
+                f"{predict_note or _fmt(predict_all.get('seconds'), '.0f') + ' s'} | {ratio} | "
+                f"{_fmt(test.get('accuracy'), '.3f')} |")
         for tool in ("celltypist", "deepinsight"):
             if tool not in row:
                 continue
@@ -343,7 +419,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--model", default="small")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tools", nargs="+", default=["celltypist", "deepinsight"])
+    parser.add_argument("--tools", nargs="+", default=["ours", "celltypist", "deepinsight"])
+    parser.add_argument("--predict-all-max", type=int, default=200_000,
+                        help="predict every cell of the file up to this size (above: the held-out cells only)")
+    parser.add_argument("--cap-gb-reference", type=float, default=None,
+                        help="memory cap for CellTypist and pyDeepInsight (default: --cap-gb)")
     parser.add_argument("--threads", type=int, default=1, help="threads per child (pinned)")
     parser.add_argument("--cap-gb", type=float, default=23.0, help="kill a child above this resident memory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="kill a child after this many seconds")
@@ -352,6 +432,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: 3,000 cells × 2,000 genes, 20 steps")
     # child mode (internal)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--trust", type=int, default=None, metavar="CELLS",
+                        help="instead: generate CELLS cells and compare layout trustworthiness, fitted on all cells "
+                             "and on --trust-cells subsamples")
+    parser.add_argument("--trust-cells", type=int, nargs="+", default=[20_000, 5_000])
     for name in ("file", "test-file", "model-file", "out-csv", "report"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -367,6 +451,8 @@ def main(argv=None) -> str:
         Path(args.report).write_text(json.dumps(report))
         return ""
     folder = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp))
+    if args.trust:
+        return trust_report(args, folder)
     rows = []
     try:
         for n_cells in args.sizes:
