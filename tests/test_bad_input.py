@@ -113,6 +113,18 @@ def test_r_style_header_without_corner_cell_is_sniffed(tmp_path, counts):
     assert "tab-separated" in adata.uns["omicsimage"]["reading"][0]
 
 
+def test_wide_table_with_lines_longer_than_the_sniffed_block(tmp_path):
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame(rng.random((3, 12000)).round(4), index=["s0", "s1", "s2"],
+                        columns=[f"ENSG{i:011d}" for i in range(12000)])
+    path = tmp_path / "x.csv"
+    wide.to_csv(path, sep="\t")
+    assert len(path.read_text().splitlines()[0]) > 1 << 16
+    adata = read_expression(path)
+    assert adata.shape == (3, 12000)
+    assert "tab-separated" in adata.uns["omicsimage"]["reading"][0]
+
+
 def test_gzip_without_gz_suffix_is_read_with_a_note(tmp_path, capsys, counts):
     path = tmp_path / "x.csv"
     path.write_bytes(gzip.compress(counts.to_csv().encode()))
@@ -183,8 +195,23 @@ def test_10x_folder_missing_a_file(tmp_path, capsys):
     assert "filtered" in line and "barcodes.tsv" in line
 
 
+def test_10x_files_that_do_not_belong_together(tmp_path, capsys):
+    _write_10x(tmp_path / "filtered", {"matrix": False, "genes": False, "barcodes": False})
+    with open(tmp_path / "filtered" / "barcodes.tsv", "a") as handle:
+        handle.write("EXTRA-1\n")
+    line = cli_error(capsys, render_args(tmp_path / "filtered", tmp_path))
+    assert "6 genes × 4 cells" in line and "5 barcodes" in line and "do not belong together" in line
+
+
+def test_table_that_no_separator_splits(tmp_path, capsys):
+    path = tmp_path / "x.csv"
+    path.write_text("gene|s1|s2\nTP53|1|2\nEGFR|3|4\n")
+    line = cli_error(capsys, render_args(path, tmp_path))
+    assert "x.csv holds no expression values" in line and "read as comma-separated" in line
+
+
 # ====================================================================== labels
-@pytest.mark.parametrize("missing", ["NA", "NaN", "nan", "", "N/A"])
+@pytest.mark.parametrize("missing", ["NA", "NaN", "nan", "", "N/A", "NULL"])
 def test_na_labels_are_missing_not_a_class(tmp_path, capsys, counts, missing):
     data = tmp_path / "x.csv"
     counts.to_csv(data)
@@ -394,6 +421,17 @@ def test_cli_module_imports_nothing_heavy_before_main():
             "print(sorted(m for m in ('numpy', 'pandas', 'scanpy', 'anndata', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import napari_omicsimage.io as io
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(io, "read_expression", exhausted)
+    line = cli_error(capsys, ["render", "/data/x.csv", "--out", "/tmp/never"])
+    assert "ran out of memory" in line and "--size" in line
 
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/data/x.csv"),

@@ -73,23 +73,29 @@ def read_expression(
         on sample id. Its first column (or ``sample_column``) holds the ids.
     label_column
         The column holding the class labels, in ``labels`` or, without a labels
-        table, in ``adata.obs``. The labels are checked (no missing ones, no
-        unknown samples, at least two classes).
+        table, in ``adata.obs``. In a labels file it may be given by position,
+        ``"#N"`` (``"#1"`` the first column; also for ``sample_column``). The
+        labels are checked (no missing ones — ``NA``, ``NaN`` and empty cells are
+        missing — no unknown samples, at least two classes).
+
+    What was decided about the file (compression, separator, encoding when they
+    differ from its name; orientation) is in ``adata.uns["omicsimage"]`` and
+    :func:`reading_notes` returns it as lines to show the user.
     """
     path = Path(path)
     if not path.exists():
         raise OmicsInputError(f"{path}: no such file or folder. Check the path and try again.")
     kind = _file_kind(path)
-    reading_notes: list[str] = []
+    notes: list[str] = []
     if labels is not None:
-        labels_frame, label_column = _read_labels(labels, sample_column, label_column, reading_notes)
+        labels_frame, label_column = _read_labels(labels, sample_column, label_column, notes)
     else:
         labels_frame = None
     if kind in ("h5ad", "10x-h5"):
         adata = _read_hdf5(path, kind)
         note = "h5ad files store samples in rows" if kind == "h5ad" else "10x files store cells in rows"
     elif kind == "table":
-        frame = _read_table(path, reading_notes)
+        frame = _read_table(path, notes)
         decision = _decide_orientation(frame, orientation, labels_frame)
         adata = _frame_to_anndata(frame, decision.genes_in_rows)
         note = decision.describe()
@@ -97,7 +103,7 @@ def read_expression(
     else:  # 10x matrix.mtx folder
         adata = _read_10x_folder(path if path.is_dir() else path.parent)
         note = "10x files store cells in rows"
-    adata.uns["omicsimage"] = {"source": str(path), "orientation": note, "reading": reading_notes}
+    adata.uns["omicsimage"] = {"source": str(path), "orientation": note, "reading": notes}
     adata.obs_names = adata.obs_names.astype(str)
     adata.var_names = adata.var_names.astype(str)
     validate_matrix(adata)
@@ -173,6 +179,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: how many bytes of a table are looked at to decide its separator and encoding
 _SNIFF_BYTES = 1 << 16
+_SNIFF_MAX_BYTES = 1 << 23
 _SEPARATOR_NAMES = {",": "comma", "\t": "tab", ";": "semicolon"}
 
 
@@ -221,21 +228,26 @@ def _sniff_text(path: Path, what: str = "") -> TextFormat:
         notes.append(f"{path.name} is gzip-compressed although its name does not end in .gz: read it as gzip")
     try:
         with (gzip.open(path, "rb") if is_gzip else path.open("rb")) as handle:
-            sample = handle.read(_SNIFF_BYTES)
+            sample, complete = b"", False  # complete: the whole file was read
+            # wide tables (genes in columns) can have lines longer than one block: read on to a few lines
+            while not complete and sample.count(b"\n") < 3 and len(sample) < _SNIFF_MAX_BYTES:
+                block = handle.read(_SNIFF_BYTES)
+                sample += block
+                complete = len(block) < _SNIFF_BYTES
     except (EOFError, OSError, zlib.error) as exc:
         raise _damaged_gzip(path, exc) from exc
     encoding = "utf-8"
     try:
         text = sample.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.start >= len(sample) - 3 and len(sample) == _SNIFF_BYTES:
+        if exc.start >= len(sample) - 3 and not complete:
             text = sample[: exc.start].decode("utf-8")  # a character cut by the sample's end
         else:
             encoding = "latin-1"
             text = sample.decode("latin-1")
             notes.append(_latin1_note(path, sample[exc.start], exc.start))
     lines = text.splitlines()
-    if len(sample) == _SNIFF_BYTES and len(lines) > 1:
+    if not complete and len(lines) > 1:
         lines = lines[:-1]  # the last line may be cut
     sep = _sniff_separator(lines[:50], _separator_from_name(path.name))
     expected = _separator_from_name(path.name)
@@ -264,7 +276,10 @@ def _sniff_separator(lines: list[str], expected: str) -> str:
         return expected
     fitting = []
     for sep in (expected, *(c for c in _SEPARATOR_NAMES if c != expected)):
-        widths = [len(row) for row in csv.reader(lines, delimiter=sep)]
+        try:
+            widths = [len(row) for row in csv.reader(lines, delimiter=sep)]
+        except csv.Error:  # e.g. a whole wide line as one over-long field: not this separator
+            continue
         data = set(widths[1:])
         if len(data) == 1 and (width := data.pop()) > 1 and widths[0] in (width, width - 1):
             fitting.append((sep, width))
