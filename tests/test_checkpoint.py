@@ -227,3 +227,20 @@ def test_a_model_cancelled_before_its_first_epoch_is_an_error(tmp_path):
     config = TrainConfig(epochs=2, batch_size=8, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
     with pytest.raises(TrainingCancelled, match="before its first epoch"):
         train(adata, "label", {"method": "grid"}, config, progress=lambda event: True)
+
+
+def test_weights_file_with_code_is_a_short_refusal(tmp_path, capsys):
+    from napari_omicsimage.models import build_model
+
+    marker = tmp_path / "code_ran"
+    weights = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": _Exploit(marker)}, weights)
+    with pytest.raises(OmicsInputError, match="could run code") as caught:
+        build_model("resnet18", 3, 2, weights=str(weights))
+    assert not marker.exists()
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400 and "torchvision" in message
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(OmicsInputError, match="damaged"):
+        build_model("resnet18", 3, 2, weights=str(damaged))

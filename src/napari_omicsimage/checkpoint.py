@@ -188,13 +188,13 @@ def is_checkpoint_file(path) -> bool:
 _CODE_MARKERS = ("Unsupported global", "GLOBAL", "is not an allowed")
 
 
-def read_payload(path, *, format: str | None, max_version: int = FORMAT_VERSION,
-                 what: str = "checkpoint", writer: str = "omicsimage train") -> dict:
-    """Load a checkpoint safely (``weights_only``) and verify its SHA-256.
+def load_plain_data(path, *, what: str, fix: str, only: str):
+    """``torch.load(path, weights_only=True)`` with each failure as one clear :class:`CheckpointError`.
 
-    ``format=None`` accepts any napari-omicsimage format (used to recognise
-    our own files).  Raises :class:`~napari_omicsimage.errors.CheckpointError`
-    for a missing, damaged, truncated, foreign, unsafe or too new file.
+    ``what`` names the file ("checkpoint", "weights file"), ``fix`` says how to
+    get a good one, ``only`` which files to trust.  A pickle that names code is
+    refused without running it; a file whose bytes are merely broken is called
+    damaged.
     """
     import pickle
     import zipfile
@@ -203,26 +203,36 @@ def read_payload(path, *, format: str | None, max_version: int = FORMAT_VERSION,
 
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such {what} file; check the path.")
+        raise CheckpointError(f"{path}: no such {what}; check the path.")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a {what} file.")
+        raise CheckpointError(f"{path} is a folder, not a {what}.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        message = str(exc)
-        if not any(marker in message for marker in _CODE_MARKERS):
+        if not any(marker in str(exc) for marker in _CODE_MARKERS):
             raise CheckpointError(f"{path} is damaged or not a PyTorch file (its data cannot be read as a "
-                                  f"checkpoint); write it again with {writer}.") from exc
+                                  f"{what}); {fix}.") from None
         # weights_only refuses anything but tensors and plain containers; that is the point
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
-            f"refusing to load it. Only load {what}s written by napari-omicsimage ({writer})."
-        ) from exc
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, which could run code "
+                              f"when loaded; refusing to load it. {only}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
             UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0][:120] if str(exc) else "unreadable"
         raise CheckpointError(f"{path} is damaged, truncated or not a PyTorch file ({type(exc).__name__}: "
-                              f"{first}); write it again with {writer}.") from exc
+                              f"{first}); {fix}.") from None
+
+
+def read_payload(path, *, format: str | None, max_version: int = FORMAT_VERSION,
+                 what: str = "checkpoint", writer: str = "omicsimage train") -> dict:
+    """Load a checkpoint safely (``weights_only``) and verify its SHA-256.
+
+    ``format=None`` accepts any napari-omicsimage format (used to recognise
+    our own files).  Raises :class:`~napari_omicsimage.errors.CheckpointError`
+    for a missing, damaged, truncated, foreign, unsafe or too new file.
+    """
+    path = Path(path)
+    payload = load_plain_data(path, what=f"{what} file", fix=f"write it again with {writer}",
+                              only=f"Only load {what}s written by napari-omicsimage ({writer}).")
     found = payload.get("format") if isinstance(payload, dict) else None
     ours = isinstance(found, str) and found.startswith("napari-omicsimage")
     if not ours or (format is not None and found != format):
