@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
+from .errors import OmicsInputError, TrainingCancelled
 from .io import check_labels
 from .models import resolve_device
 from .preprocess import Preprocessor
@@ -231,6 +228,8 @@ class FoldOutcome:
     proba: np.ndarray | None  # test-cell class probabilities; None when the fold was cancelled
     history: list[dict]
     baseline_proba: np.ndarray | None = None
+    #: the training samples actually used (QC may leave some out); None: all of the fold's
+    train_idx: np.ndarray | None = None
 
 
 class _InMemoryFolds:
@@ -240,19 +239,21 @@ class _InMemoryFolds:
         self.adata, self.layout_spec, self.config, self.device = adata, layout_spec, config, device
         self.transductive = transductive
         if transductive:
-            shared_pre = Preprocessor(config.preprocess).fit(adata)
+            self.shared_pre = shared_pre = Preprocessor(config.preprocess).fit(adata)
             self.shared_x = shared_pre.transform(adata)
             self.shared_layout, self.shared_images = fit_layout(layout_spec, self.shared_x, shared_pre.genes_)
 
     def __call__(self, fold, n_folds, train_idx, test_idx, y, n_classes, progress, baseline) -> FoldOutcome:
         config, device, adata = self.config, self.device, self.adata
         if self.transductive:
+            train_idx = train_idx[self.shared_pre.qc_passed_[train_idx]]  # QC (min_genes): left out of training
             x_train, x_test = self.shared_x[train_idx], self.shared_x[test_idx]
             layout = self.shared_layout
             train_images = None if self.shared_images is None else self.shared_images[train_idx]
             test_images = None if self.shared_images is None else self.shared_images[test_idx]
         else:
             preprocessor = Preprocessor(config.preprocess).fit(adata[train_idx])
+            train_idx = train_idx[preprocessor.qc_passed_]  # QC (min_genes): failing samples teach nothing
             x_train = preprocessor.transform(adata[train_idx])
             x_test = preprocessor.transform(adata[test_idx])
             layout, train_images = fit_layout(self.layout_spec, x_train, preprocessor.genes_)
@@ -264,11 +265,11 @@ class _InMemoryFolds:
         model, history, cancelled = fit_network(train_batches, y[train_idx], n_classes, layout.n_channels,
                                                 config, progress=progress, fold=fold, n_folds=n_folds)
         if cancelled:
-            return FoldOutcome(None, history)
+            return FoldOutcome(None, history, train_idx=train_idx)
         proba = predict_proba(model, test_batches, batch_size=max(int(config.batch_size), 1),
                               mixed_precision=config.mixed_precision)
         base = _baseline_proba(x_train, y[train_idx], x_test, n_classes, config.seed) if baseline else None
-        return FoldOutcome(proba, history, base)
+        return FoldOutcome(proba, history, base, train_idx)
 
 
 def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: TrainConfig, folds: int, fitter,
@@ -304,6 +305,7 @@ def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: T
     for f, (train_idx, test_idx) in enumerate(splits):
         started = time.perf_counter()
         outcome = fitter(f, folds, train_idx, test_idx, y, n_classes, progress, baseline)
+        train_idx = outcome.train_idx if outcome.train_idx is not None else train_idx  # QC may drop some
         if outcome.proba is None:
             cancelled = True  # an unfinished fold is dropped; the finished ones stand
             break
@@ -332,7 +334,7 @@ def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: T
             break
 
     if not fold_rows:
-        raise OmicsInputError("cross-validation was cancelled before any fold finished; nothing to report.")
+        raise TrainingCancelled("cross-validation was cancelled before any fold finished; nothing to report.")
     mean, sd = _summary(fold_rows)
     metrics = {"folds": fold_rows, "mean": mean, "sd": sd, "classes": classes, "n_samples": len(y),
                "class_counts": {c: int((labels == c).sum()) for c in classes},
@@ -396,23 +398,18 @@ def _plain(value):
 
 
 # ==================================================================== report
-def write_report(result: CVResult, out_dir, *, overwrite: bool = False) -> Path:
+def write_report(result: CVResult, out_dir, *, overwrite: bool = False, inputs=()) -> Path:
     """Write ``metrics.json``, ``metrics.csv``, ``predictions.csv`` and the PNG plots.
 
     Plots: ``loss_curves.png`` (training loss per fold), ``confusion_matrix.png``
     (mean over folds, CNN and baseline) and ``roc_curves.png`` (one-vs-rest,
-    out-of-fold).  The folder is built under a temporary name and renamed at
-    the end; an existing folder is only replaced with ``overwrite=True``.
+    out-of-fold).  Written through :func:`napari_omicsimage.outputs.write_output_dir`
+    (atomic; ``overwrite=True`` replaces only what an earlier run wrote).
     """
     from . import reports
+    from .outputs import write_output_dir
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    def fill(tmp: Path) -> None:
         payload = _plain({**result.metrics,
                           "confusion_matrices": [c.tolist() for c in result.confusion_matrices],
                           "mean_confusion_matrix": result.mean_confusion.tolist(),
@@ -423,10 +420,5 @@ def write_report(result: CVResult, out_dir, *, overwrite: bool = False) -> Path:
         reports.plot_loss_curves(result, tmp / "loss_curves.png")
         reports.plot_confusion_matrix(result, tmp / "confusion_matrix.png")
         reports.plot_roc_curves(result, tmp / "roc_curves.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_output_dir(out_dir, fill, overwrite=overwrite, inputs=inputs)

@@ -81,7 +81,7 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
     from torch.nn.parallel import DistributedDataParallel
 
     from ..checkpoint import layout_state, restore_layout, save_checkpoint
-    from ..cli import load_input
+    from ..cli import command_inputs, load_input
     from ..preprocess import Preprocessor
     from ..training import TrainedModel
     from .run import StageTimer, fit_inputs, fit_network_streaming, label_codes
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
                                    config=config, history=history, cancelled=cancelled,
                                    label_column=label_column, layout_spec=dict(layout_spec),
                                    fill_values=preprocessor.scaled_mean_)
-            out = save_checkpoint(trained, Path(args.out))
+            out = save_checkpoint(trained, Path(args.out), overwrite=args.overwrite, inputs=command_inputs(args))
             last = history[-1] if history else None
             print(f"trained {config.model} on {adata.n_obs} samples × {len(preprocessor.genes_)} genes with "
                   f"{world} processes ({backend}), classes {classes}", file=sys.__stdout__)

@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import OmicsInputError
-from ..preprocess import PreprocessConfig, Preprocessor, looks_log_scale, normalize_samples
+from ..preprocess import PreprocessConfig, Preprocessor, decide_scale, normalize_samples
 from .cells import BLOCK_ROWS, block_anndata, iter_row_blocks, stratified_subsample
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,16 @@ def seurat_highly_variable(mean: np.ndarray, var: np.ndarray, n_top_genes: int) 
     return np.nan_to_num(norm, nan=-np.inf) >= cut
 
 
-def _decide_log_scale(adata: ad.AnnData, rows: np.ndarray, config: PreprocessConfig) -> bool:
-    if config.log_scale is not None:
-        return bool(config.log_scale)
-    stored = adata.uns.get("omicsimage", {}).get("log_scale")
-    if stored is not None:
-        return bool(stored)
+def _decide_scale(adata: ad.AnnData, rows: np.ndarray, config: PreprocessConfig):
+    """:func:`~napari_omicsimage.preprocess.decide_scale` on the first training cells (a block's worth)."""
     probe = rows[:_LOG_SCALE_PROBE_CELLS]
     blocks = [block for _, block in iter_row_blocks(adata, probe)]
-    return looks_log_scale(ad.AnnData(sp.vstack(blocks, format="csr")))
+    sample = ad.AnnData(sp.vstack(blocks, format="csr"))
+    sample.uns["omicsimage"] = dict(adata.uns.get("omicsimage", {}))
+    decision = decide_scale(sample, config.log_scale)
+    if config.log_scale is None and sample.uns["omicsimage"].get("log_scale") is None:
+        decision.reason += f" (judged on the first {len(probe):,} training cells)"
+    return decision
 
 
 def normalized_blocks(adata: ad.AnnData, rows: np.ndarray, *, log_scale: bool, target_sum, progress=None,
@@ -148,7 +149,8 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     if cfg.min_genes:
         raise OmicsInputError("QC filtering (min_genes) is not supported on the streaming path yet; "
                               "filter the cells first (scanpy.pp.filter_cells) and write a new .h5ad.")
-    log_scale = _decide_log_scale(adata, rows, cfg)  # counts with negatives: normalize_samples refuses
+    decision = _decide_scale(adata, rows, cfg)  # counts with negatives: normalize_samples refuses
+    log_scale = decision.log_scale
     stats = GeneStatistics(adata.n_vars, counts_domain=not log_scale)
     for _, block in normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
                                       progress=progress):
@@ -172,6 +174,8 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     else:
         chosen = candidates
     preprocessor = Preprocessor(cfg)
+    preprocessor.qc_passed_ = np.ones(len(rows), dtype=bool)  # no QC on this path (refused above)
+    preprocessor.notes_ = [decision.describe()]
     preprocessor.log_scale_ = bool(log_scale)
     preprocessor.genes_ = np.asarray(adata.var_names[chosen], dtype=object)
     preprocessor.min_ = stats.minimum[chosen].astype(np.float32)

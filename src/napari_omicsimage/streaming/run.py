@@ -11,8 +11,6 @@ it does not grow with the number of cells, except for per-cell outputs
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,9 +19,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..errors import OmicsInputError
+from ..errors import OmicsInputError, TrainingCancelled
 from ..io import check_labels
 from ..models import MAX_MISSING_FRACTION, build_model, resolve_device
+from ..outputs import write_output_file
 from ..preprocess import Preprocessor
 from ..training import ProgressEvent, TrainConfig, TrainedModel, class_indices, recalibrate_batchnorm, train_loop
 from .cells import block_anndata, iter_row_blocks
@@ -124,6 +123,9 @@ def train_streaming(adata: ad.AnnData, label_column: str, layout_spec: dict, con
     model, history, cancelled = fit_network_streaming(
         adata, rows, y, len(classes), preprocessor, layout, subsample, config, options, device=device,
         progress=progress, timer=timer)
+    if cancelled and not history:
+        raise TrainingCancelled("training was cancelled before its first epoch finished, so there is no model "
+                                "to predict with or save; train again and let at least one epoch finish.")
     trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes, config=config,
                            history=history, cancelled=cancelled, label_column=label_column,
                            layout_spec=dict(layout_spec), fill_values=preprocessor.scaled_mean_)
@@ -157,38 +159,34 @@ class PredictionSummary:
 
 def predict_streaming(trained: TrainedModel, adata: ad.AnnData, out: str | Path, *, label_column: str | None = None,
                       max_missing_fraction: float = MAX_MISSING_FRACTION, overwrite: bool = False,
-                      progress=None) -> PredictionSummary:
+                      inputs=(), progress=None) -> PredictionSummary:
     """Predict every cell and write the table to ``out`` (CSV) as it goes.
 
     Rows are appended block by block to a temporary file beside ``out``,
-    which replaces ``out`` only when complete.  Memory: one block of cells.
+    which replaces ``out`` only when complete
+    (:func:`napari_omicsimage.outputs.write_output_file`).  Memory: one block
+    of cells.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OmicsInputError(f"{out} already exists; choose another --out or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     counts: dict = {}
-    n_done, n_right, n_missing = 0, 0, 0
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
+    tally = {"done": 0, "right": 0, "missing": 0}
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as stream:
             for part, frame in iter_predictions(trained, adata, label_column=label_column,
                                                 max_missing_fraction=max_missing_fraction):
-                frame.to_csv(stream, index=False, header=n_done == 0)
+                frame.to_csv(stream, index=False, header=tally["done"] == 0)
                 for name, k in frame["predicted"].value_counts().items():
                     counts[name] = counts.get(name, 0) + int(k)
                 if label_column is not None:
-                    n_right += int((frame["predicted"] == frame["true"]).sum())
-                n_missing = frame.attrs.get("n_missing_genes", 0)
-                n_done += len(part)
-                if progress is not None and progress(ProgressEvent("batch", batch=n_done - 1,
+                    tally["right"] += int((frame["predicted"] == frame["true"]).sum())
+                tally["missing"] = frame.attrs.get("n_missing_genes", 0)
+                tally["done"] += len(part)
+                if progress is not None and progress(ProgressEvent("batch", batch=tally["done"] - 1,
                                                                    n_batches=adata.n_obs)) is True:
-                    raise KeyboardInterrupt
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+                    raise TrainingCancelled("prediction was cancelled; nothing was written.")
+
+    write_output_file(out, fill, overwrite=overwrite, inputs=inputs)
+    n_done, n_right, n_missing = tally["done"], tally["right"], tally["missing"]
     accuracy = n_right / n_done if label_column is not None and n_done else None
     return PredictionSummary(n_done, counts, n_missing, accuracy)
 
