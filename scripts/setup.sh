@@ -26,4 +26,4 @@ fi
 
 # torch and torchvision first, as a matching pair (other pairs fail to import torchvision here).
 $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
-$PYTHON -m pip install -q -e ".[testing]"
+$PYTHON -m pip install -q -e ".[testing,benchmarks]"

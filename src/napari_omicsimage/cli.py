@@ -121,7 +121,8 @@ def load_input(args, *, require_labels: bool = True):
         log.info("stage read: %.2f s", time.perf_counter() - started)
         label_column = args.label_column
         if args.labels:
-            attach_labels(adata, _read_labels(args.labels, args.sample_column), label_column)
+            frame, label_column = _read_labels(args.labels, args.sample_column, label_column)
+            attach_labels(adata, frame, label_column)
             label_column = label_column or adata.uns["omicsimage"].get("label_column")
         print(f"{path.name}: {adata.n_obs} cells, read backed (streaming path: bounded memory)", file=sys.stderr)
     else:
@@ -140,7 +141,13 @@ def load_input(args, *, require_labels: bool = True):
         print(note, file=sys.stderr)
     if notes:
         print(f"{name}: {notes[-1]}; {adata.n_obs} samples × {adata.n_vars} genes", file=sys.stderr)
-    if hasattr(args, "log_scale"):  # commands that preprocess (predict uses its checkpoint's choice)
+    if hasattr(args, "log_scale") and adata.isbacked:  # judged on the first cells, not the whole file
+        from .preprocess import PreprocessConfig
+        from .streaming.fit import decide_scale_streaming
+
+        decision = decide_scale_streaming(adata, None, PreprocessConfig(log_scale=args.log_scale))
+        print(f"{name}: {decision.describe()}", file=sys.stderr)
+    elif hasattr(args, "log_scale"):  # commands that preprocess (predict uses its checkpoint's choice)
         from .preprocess import decide_scale
 
         print(f"{name}: {decide_scale(adata, args.log_scale).describe()}", file=sys.stderr)

@@ -112,8 +112,10 @@ def seurat_highly_variable(mean: np.ndarray, var: np.ndarray, n_top_genes: int) 
     return np.nan_to_num(norm, nan=-np.inf) >= cut
 
 
-def _decide_scale(adata: ad.AnnData, rows: np.ndarray, config: PreprocessConfig):
-    """:func:`~napari_omicsimage.preprocess.decide_scale` on the first training cells (a block's worth)."""
+def decide_scale_streaming(adata: ad.AnnData, rows: np.ndarray | None, config: PreprocessConfig):
+    """:func:`~napari_omicsimage.preprocess.decide_scale` on the first training cells (``rows``; None: all),
+    at most :data:`_LOG_SCALE_PROBE_CELLS` of them."""
+    rows = np.arange(min(adata.n_obs, _LOG_SCALE_PROBE_CELLS)) if rows is None else rows
     probe = rows[:_LOG_SCALE_PROBE_CELLS]
     blocks = [block for _, block in iter_row_blocks(adata, probe)]
     sample = ad.AnnData(sp.vstack(blocks, format="csr"))
@@ -149,7 +151,7 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     if cfg.min_genes:
         raise OmicsInputError("QC filtering (min_genes) is not supported on the streaming path yet; "
                               "filter the cells first (scanpy.pp.filter_cells) and write a new .h5ad.")
-    decision = _decide_scale(adata, rows, cfg)  # counts with negatives: normalize_samples refuses
+    decision = decide_scale_streaming(adata, rows, cfg)  # counts with negatives: normalize_samples refuses
     log_scale = decision.log_scale
     stats = GeneStatistics(adata.n_vars, counts_domain=not log_scale)
     for _, block in normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
