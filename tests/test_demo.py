@@ -123,3 +123,54 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
     status = session.layer("saliency").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
     assert top["gene"] in status and "saliency" in status
     assert docks["3 Train / evaluate"][1].metrics_table.rowCount() == len(quick_result.trained.history)
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_demo_window_is_large_and_every_class_name_stays_inside_its_own_tile(make_napari_viewer, quick_result):
+    """Rendered, not computed: every lit pixel of the class names lies in the band above its own tile."""
+    from qtpy.QtGui import QGuiApplication
+    from qtpy.QtWidgets import QApplication
+
+    from napari_omicsimage._widgets._layers import mosaic_transform
+    from napari_omicsimage._widgets._state import _camera, text_overlay
+    from napari_omicsimage.demo import DEMO_WINDOW, show_demo
+
+    viewer = make_napari_viewer(show=True)
+    viewer, _ = show_demo(quick_result, viewer=viewer, run=False)
+    window = viewer.window._qt_window
+    available = QGuiApplication.primaryScreen().availableGeometry()
+    assert available.width() >= DEMO_WINDOW[0] and available.height() >= DEMO_WINDOW[1]  # pytest-xvfb's screen
+    assert window.width() >= DEMO_WINDOW[0] and window.height() >= DEMO_WINDOW[1]
+    names = next(layer for layer in viewer.layers if layer.name == "class names")
+    assert names.text.scaling  # the names grow and shrink with the tiles
+    for layer in viewer.layers:
+        layer.visible = layer is names
+    text_overlay(viewer).visible = False
+    imageset = quick_result.imageset
+    mosaic = imageset.mosaic
+    (scale_r, scale_c), (shift_r, shift_c) = mosaic_transform(imageset)
+    (_, tile_w), (gap_r, _) = mosaic.tile, mosaic.gap
+    camera = _camera(viewer)
+    for zoom_change in (1.0, 2.0, 0.5):
+        camera.zoom = camera.zoom * zoom_change
+        for _ in range(10):
+            QApplication.processEvents()
+        shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+        lit = shot.max(axis=-1) > 60
+        height, width = lit.shape
+        centre, zoom = np.asarray(camera.center[-2:]), camera.zoom
+        allowed = np.zeros_like(lit)
+        for k in range(len(imageset.classes)):
+            top, left = mosaic.origin(k)
+            # the band above tile k in world units, then on screen (1 px of anti-aliasing allowed)
+            rows = shift_r + scale_r * np.array([top - gap_r - 0.5, top - 0.5])
+            cols = shift_c + scale_c * np.array([left - 0.5, left + tile_w - 0.5])
+            r0, r1 = (height / 2 + (rows - centre[0]) * zoom + [-1, 1]).round().astype(int)
+            c0, c1 = (width / 2 + (cols - centre[1]) * zoom + [-1, 1]).round().astype(int)
+            band = (slice(max(r0, 0), max(r1, 0)), slice(max(c0, 0), max(c1, 0)))
+            if r0 >= 0 and c0 >= 0 and r1 <= height and c1 <= width:  # on screen: its name is drawn in it
+                assert lit[band].sum() > 20, imageset.classes[k]
+            allowed[band] = True
+        stray = lit & ~allowed
+        assert stray.sum() == 0, f"zoom ×{zoom_change}: {stray.sum()} lit pixels outside the name bands"

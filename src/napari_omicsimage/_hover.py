@@ -44,7 +44,8 @@ class Mosaic:
         n_rows = max(1, round(math.sqrt(n_classes / 1.5)))
         n_cols = math.ceil(n_classes / n_rows)
         h, w = tile
-        return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.3)), max(1, round(w * 0.08))))
+        # the band above each tile holds its class name on up to two lines (see _layers.class_name_labels)
+        return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.45)), max(1, round(w * 0.08))))
 
     @property
     def shape(self) -> tuple[int, int]:

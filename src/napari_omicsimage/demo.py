@@ -37,6 +37,9 @@ DEMO_EPOCHS = 8
 DEMO_LR = 1e-3
 HELD_OUT = 0.2
 SALIENCY_METHOD = "gradient"
+#: the demo window (width, height): room for the canvas between the layer list and the docked widgets;
+#: a smaller screen gets its whole available area instead
+DEMO_WINDOW = (1600, 1000)
 
 
 @dataclass
@@ -269,6 +272,18 @@ def _share_dock_height(viewer, top, bottom, top_share: float) -> None:
                        Qt.Orientation.Vertical)
 
 
+def demo_window_size() -> tuple[int, int]:
+    """:data:`DEMO_WINDOW`, shrunk to the screen's available area where that is smaller."""
+    from qtpy.QtGui import QGuiApplication
+
+    width, height = DEMO_WINDOW
+    screen = QGuiApplication.primaryScreen()
+    if screen is not None:
+        available = screen.availableGeometry()
+        width, height = min(width, available.width()), min(height, available.height())
+    return width, height
+
+
 def _wrap(name: str, width: int = 18) -> str:
     if len(name) <= width or "/" not in name:
         return name
@@ -284,6 +299,9 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
     from ._widgets._state import get_session
 
     viewer = viewer or napari.Viewer(title="napari-omicsimage demo: PBMC cell types")
+    width, height = demo_window_size()
+    window = viewer.window._qt_window
+    window.resize(width, height)
     session = get_session(viewer)
     session.set_data(result.adata, result.label_column, source=DATASET)
     session.layout_spec = dict(result.layout_spec)
@@ -304,6 +322,10 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
     docks["5 Saliency"][0].raise_()
     _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.62)
     viewer.layers.selection.active = session.layer("images")
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()  # let the canvas take its size in the resized window, then fit the view to it
+    session.fit_view()
     if run:
         napari.run()
     return viewer, docks

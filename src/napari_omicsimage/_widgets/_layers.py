@@ -17,6 +17,8 @@ Canvas arrangement (data pixels = world units):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -134,23 +136,119 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
     return layers
 
 
-def class_names_layer(imageset: ImageSet) -> tuple:
-    """Points (invisible markers) carrying the class names above each mosaic tile."""
+def class_names_layer(imageset: ImageSet, dpi: float | None = None) -> tuple:
+    """Points (invisible markers) carrying the class names in the band above each mosaic tile.
+
+    Each name is wrapped (at ``/`` or a space) and all share one text size at
+    which every name fits inside its own tile's width and band
+    (:func:`class_name_labels`).  The text scales with the zoom
+    (``scaling=True``), so what fits at one zoom fits at every zoom.
+    """
     mosaic = imageset.mosaic
-    origins = np.array([mosaic.origin(k) for k in range(len(imageset.classes))], dtype=float)
-    # just above the tile, left-aligned; in mosaic pixels, placed with the mosaic's transform
-    positions = origins + np.array([-0.7, -0.5])
     scale, translate = mosaic_transform(imageset)
-    names = [_short(c) for c in imageset.classes]
+    (_, tile_w), (gap_r, _) = mosaic.tile, mosaic.gap
+    texts, size = class_name_labels(imageset.classes, tile_w * scale[1], gap_r * scale[0], dpi=dpi)
+    origins = np.array([mosaic.origin(k) for k in range(len(imageset.classes))], dtype=float)
+    # the top left corner of the band above the tile (pixel edges are at ±½), lines running down from there:
+    # napari's "lower_left" anchor puts the text below its point on the (rows-down) canvas
+    positions = origins + np.array([-gap_r - 0.5 + CLASS_NAME_PAD * gap_r, -0.5])
     return (positions, {
         "name": "class names", "scale": scale, "translate": translate, "size": 0.1,
-        "face_color": "transparent", "border_width": 0, "features": pd.DataFrame({"name": names}),
-        "text": {"string": "{name}", "anchor": "lower_left", "size": 8, "color": "#dddddd"},
+        "face_color": "transparent", "border_color": "transparent", "border_width": 0,
+        "features": pd.DataFrame({"name": texts, "class": list(imageset.classes)}),
+        "text": {"string": "{name}", "anchor": "lower_left", "size": size, "scaling": True,
+                 "color": "#dddddd"},
         "metadata": _meta("class-names", imageset)}, "points")
 
 
-def _short(name: str, limit: int = 16) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"
+#: share of the band above a tile kept free above and below its name
+CLASS_NAME_PAD = 0.08
+#: share of the tile width a name may use (a little room before the next tile's name)
+CLASS_NAME_WIDTH = 0.96
+#: vispy draws OpenSans wider and taller than its font metrics say: measured on screen (vispy 0.17, one
+#: line) 1.30-1.46 × the advance width and 1.36-1.64 × the nominal pixel size in height, with a line
+#: pitch of 1.6 × the pixel size; these bounds keep a little room on top of that
+VISPY_TEXT_WIDTH = 1.5
+VISPY_LINE_HEIGHT = 1.7
+
+
+def class_name_labels(names, tile_width: float, band_height: float, *, dpi: float | None = None
+                      ) -> tuple[list[str], float]:
+    """Wrapped class names and one napari text size at which each fits its tile.
+
+    ``tile_width`` and ``band_height`` are world units (data pixels × layer
+    scale).  A name stays on one line if it fits, else it is split in two at
+    the ``/`` or space that makes the wider line narrowest.  The size is for
+    napari text with ``scaling=True``: vispy draws it at ``size × zoom``
+    points, a nominal pixel size of ``size × dpi / 72`` world units
+    (:func:`text_extent_em` says how much room the text takes in those).
+    """
+    dpi = float(dpi or display_dpi())
+    width_budget = tile_width * CLASS_NAME_WIDTH
+    height_budget = band_height * (1 - 2 * CLASS_NAME_PAD)
+    options = [_wrappings(str(name)) for name in names]
+
+    def fits(em: float, text: str) -> bool:
+        width, height = text_extent_em(text)
+        return width * em <= width_budget and height * em <= height_budget
+
+    def largest_em(text: str) -> float:
+        width, height = text_extent_em(text)
+        return min(width_budget / max(width, 1e-9), height_budget / max(height, 1e-9))
+
+    # one size for all names: the largest at which every name has a wrapping that fits
+    em = min((max(largest_em(t) for t in texts) for texts in options), default=1.0)
+    chosen = [next(t for t in texts if fits(em * (1 - 1e-9), t)) for texts in options]
+    return chosen, em * 72.0 / dpi
+
+
+def _wrappings(name: str) -> list[str]:
+    """``name`` on one line, then every two-line split at a '/' (kept on the first line) or a space."""
+    splits = []
+    for i, char in enumerate(name):
+        if char == "/" and 0 < i < len(name) - 1:
+            splits.append(name[: i + 1] + "\n" + name[i + 1:])
+        elif char == " " and 0 < i < len(name) - 1:
+            splits.append(name[:i] + "\n" + name[i + 1:])
+    splits.sort(key=lambda text: text_extent_em(text)[0])
+    return [name, *splits]
+
+
+def text_extent_em(text: str) -> tuple[float, float]:
+    """Width of the widest line and height of all lines as drawn, in units of the font's nominal pixel size."""
+    lines = text.split("\n")
+    font = _label_font()
+    if font is None:  # no font file: a conservative average glyph width
+        advance = max(len(line) for line in lines) * 0.65
+    else:
+        advance = max(font.getlength(line) for line in lines) / float(font.size)
+    return VISPY_TEXT_WIDTH * advance, VISPY_LINE_HEIGHT * len(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _label_font():
+    """vispy's OpenSans (the face napari's text visuals use), loaded by Pillow to measure text."""
+    try:
+        from pathlib import Path
+
+        import vispy
+        from PIL import ImageFont
+
+        return ImageFont.truetype(str(Path(vispy.__file__).parent / "util" / "fonts" / "data" /
+                                      "OpenSans-Regular.ttf"), 200)
+    except (ImportError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def display_dpi() -> float:
+    """The screen resolution vispy converts font points with (96 where it cannot tell)."""
+    try:
+        from vispy.util.dpi import get_dpi
+
+        return float(get_dpi(raise_error=False) or 96.0)
+    except Exception:  # noqa: BLE001 - no display tools at all: the common default
+        return 96.0
 
 
 def pixel_labels(imageset: ImageSet, max_names: int = 12) -> tuple[np.ndarray, pd.DataFrame]:

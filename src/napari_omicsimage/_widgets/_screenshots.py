@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python -m napari_omicsimage._widgets._screenshots docs/images
 
-Runs ``omicsimage demo``'s pipeline, opens the window at 1600×1000, drives
+Runs ``omicsimage demo``'s pipeline, opens its window (``demo.DEMO_WINDOW``, 1600×1000), drives
 each widget the way a user would and saves ``docs/images/*.png``.  Needs a
 display (a real one or Xvfb).  ``--quick`` uses a PCA layout and 2 epochs, for
 checking the script itself.
@@ -18,9 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-WINDOW = (1680, 1050)
-
 
 def _settle(app, seconds: float = 0.6) -> None:
     """Let Qt and vispy repaint (layers are sliced and drawn asynchronously)."""
@@ -61,9 +58,8 @@ def main(argv=None) -> int:
     get_settings().application.gui_notification_level = "error"
     viewer = napari.Viewer(title="napari-omicsimage demo: PBMC cell types")
     window = viewer.window._qt_window
-    window.resize(*WINDOW)
     window.move(0, 0)
-    viewer, docks = show_demo(result, viewer=viewer, run=False)
+    viewer, docks = show_demo(result, viewer=viewer, run=False)  # sizes the window as the demo does
     app = QApplication.instance()
     from ._state import _camera, get_session
 
