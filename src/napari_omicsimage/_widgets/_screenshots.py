@@ -200,7 +200,15 @@ def main(argv=None) -> int:
         time.sleep(0.05)
     save("train_progress.png")
     _wait(app, train.task)
+    # the result is the curves and the confusion matrix below the table: give the dock the column and show them
+    from qtpy.QtWidgets import QScrollArea
+
+    _share_dock_height(viewer, docks["3 Train / evaluate"][0], docks["Gene inspector"][0], 0.93)
+    _settle(app)
+    if train.figure_canvas is not None:
+        train.findChild(QScrollArea).ensureWidgetVisible(train.figure_canvas)
     save("train_widget.png")
+    _share_dock_height(viewer, docks["3 Train / evaluate"][0], docks["Gene inspector"][0], 0.66)
 
     # 9. load the saved model and predict
     checkpoint = Path(tempfile.mkdtemp()) / "pbmc_small_cnn.pt"
