@@ -66,7 +66,12 @@ def test_headless_demo_writes_everything_without_qt(tmp_path):
     held_out = predictions[predictions["split"] == "held out"]
     assert summary["held_out_accuracy"] == pytest.approx((held_out["label"] == held_out["predicted"]).mean())
     genes = pd.read_csv(out / "class_gene_tables.csv")
-    assert {"cell_type", "rank", "gene", "saliency", "expression"} <= set(genes.columns)
+    assert {"cell_type", "rank", "gene", "attribution", "contrastive", "pixel_saliency", "expression"} <= set(genes.columns)
+    assert summary["gene_attribution"]["method"] == "integrated-gradients"
+    assert summary["gene_attribution"]["completeness_max_relative_error"] <= 0.01
+    # pixel-mates get their own values: no run of tied genes at the top (the paper's pixel saliency had 7)
+    monocytes = genes[genes["cell_type"] == "CD14+ Monocyte"].head(10)
+    assert monocytes["attribution"].round(6).nunique() == 10
     # biology check: the genes that explain monocytes include known monocyte genes
     monocyte_top = set(genes[genes["cell_type"] == "CD14+ Monocyte"].head(10)["gene"])
     assert monocyte_top & {"LST1", "AIF1", "FCN1", "TYROBP", "S100A8", "S100A9", "LYZ", "CST3", "FCER1G", "TIMP1",
@@ -87,7 +92,8 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
     viewer = make_napari_viewer()
     viewer, docks = show_demo(quick_result, viewer=viewer, run=False)
     names = {layer.name for layer in viewer.layers}
-    assert {"expression images", "class means", "gene density", "gene pixels", "saliency (gradient)"} <= names
+    assert {"expression images", "class means", "gene density", "gene pixels", "saliency (gradient)",
+            "gene attribution (integrated-gradients)"} <= names
     assert set(docks) == {"1 Data", "2 Imagify", "3 Train / evaluate", "4 Load model", "5 Saliency",
                           "Annotate regions", "Gene inspector"}
     session = get_session(viewer)
@@ -95,6 +101,6 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
     assert "[held out]" in text_overlay(viewer).text or "[training]" in text_overlay(viewer).text
     saliency_widget = docks["5 Saliency"][1]
     top = saliency_widget.table_frame.iloc[0]
-    status = session.layer("saliency").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
-    assert top["gene"] in status and "saliency" in status
+    status = session.layer("attribution").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
+    assert top["gene"] in status and "attribution" in status and "saliency" in status
     assert docks["3 Train / evaluate"][1].metrics_table.rowCount() == len(quick_result.trained.history)

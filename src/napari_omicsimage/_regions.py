@@ -5,7 +5,8 @@ or the pixels painted with one label value (napari Labels).  A pixel belongs
 to a region when its *centre* lies inside the shape — napari draws pixel
 ``(r, c)`` as the square ``[r-½, r+½] × [c-½, c+½]``, so that is the pixel the
 user sees covered.  The genes of a region are those whose pixel is inside it
-(:meth:`PixelMap.genes_in_mask`), ranked by saliency.
+(:meth:`PixelMap.genes_in_mask`), ranked by gene attribution (by pixel
+saliency when no attribution is given).
 
 Region files are small JSON documents (no pickles) that the napari reader
 contribution turns back into a Shapes or Labels layer.
@@ -30,7 +31,7 @@ AREA_SHAPES = ("polygon", "rectangle", "ellipse")
 #: shapes that enclose no area: they select no pixel
 LINE_SHAPES = ("line", "path")
 
-GENE_TABLE_COLUMNS = ["region", "rank", "gene", "saliency", "expression", "channel", "row", "col"]
+GENE_TABLE_COLUMNS = ["region", "rank", "gene", "attribution", "saliency", "expression", "channel", "row", "col"]
 
 
 # ------------------------------------------------------------------ masks
@@ -124,14 +125,16 @@ def region_gene_table(
     *,
     saliency: np.ndarray | None = None,
     expression: np.ndarray | None = None,
+    attribution: np.ndarray | None = None,
     channel_names: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Genes inside each region, ranked by saliency (then expression).
+    """Genes inside each region, ranked by ``|attribution|`` (sign kept), else by saliency (then expression).
 
-    ``saliency`` is a ``(C, H, W)`` map (its value at a gene's pixel is the
-    gene's saliency); ``expression`` one value per gene.  A gene inside a
-    region in several channels is listed once, with its most salient pixel.
-    Columns: ``region, rank, gene, saliency, expression, channel, row, col``.
+    ``attribution`` (signed gene attribution) and ``expression`` are one value
+    per gene; ``saliency`` is a ``(C, H, W)`` pixel-saliency map (its value at
+    a gene's pixel is the gene's pixel saliency).  A gene inside a region in
+    several channels is listed once, with its most salient pixel.  Columns:
+    ``region, rank, gene, attribution, saliency, expression, channel, row, col``.
     """
     names = channel_names or ([""] if pixel_map.n_channels == 1 else [str(c) for c in range(pixel_map.n_channels)])
     if saliency is not None and tuple(np.shape(saliency)) != (pixel_map.n_channels, *pixel_map.shape):
@@ -149,6 +152,7 @@ def region_gene_table(
             rows, cols = pixel_map.gene_pixels[c, idx, 0], pixel_map.gene_pixels[c, idx, 1]
             parts.append(pd.DataFrame({
                 "gene": pixel_map.genes[idx],
+                "attribution": np.asarray(attribution, dtype=float)[idx] if attribution is not None else np.nan,
                 "saliency": saliency[c, rows, cols] if saliency is not None else np.nan,
                 "expression": np.asarray(expression, dtype=float)[idx] if expression is not None else np.nan,
                 "channel": names[c], "row": rows, "col": cols,
@@ -157,7 +161,10 @@ def region_gene_table(
             continue
         genes = pd.concat(parts, ignore_index=True)
         genes = genes.sort_values(["saliency", "expression"], ascending=False, na_position="last", kind="stable")
-        genes = genes.drop_duplicates("gene", keep="first").reset_index(drop=True)
+        genes = genes.drop_duplicates("gene", keep="first")  # its most salient pixel
+        if attribution is not None:
+            genes = genes.iloc[np.argsort(-genes["attribution"].abs().to_numpy(), kind="stable")]
+        genes = genes.reset_index(drop=True)
         genes.insert(0, "region", region)
         genes.insert(1, "rank", np.arange(1, len(genes) + 1))
         frames.append(genes)

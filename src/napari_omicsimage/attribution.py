@@ -186,6 +186,25 @@ class GeneAttribution:
         return summary
 
 
+def merge_attributions(parts: list[GeneAttribution]) -> GeneAttribution:
+    """One :class:`GeneAttribution` from chunks of samples computed with the same settings (in order)."""
+    if not parts:
+        raise OmicsInputError("no attribution to merge.")
+    first = parts[0]
+
+    def stacked(name):
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    options = dict(first.options)
+    if "max_steps_used" in options:
+        options["max_steps_used"] = max(int(p.options.get("max_steps_used", 0)) for p in parts)
+    return GeneAttribution(method=first.method, genes=first.genes, values=stacked("values"),
+                           target=stacked("target"), baseline=first.baseline, baseline_values=first.baseline_values,
+                           contrastive=stacked("contrastive"), target_output=stacked("target_output"),
+                           baseline_output=stacked("baseline_output"), options=options)
+
+
 def _resolve_baseline(trained, baseline, n_genes: int, method: str) -> tuple[str, np.ndarray]:
     """``(kind, array)``: ``(G,)`` for one profile, ``(M, G)`` for a GradientSHAP reference set."""
     if isinstance(baseline, str):
