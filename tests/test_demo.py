@@ -66,7 +66,7 @@ def test_headless_demo_writes_everything_without_qt(tmp_path):
     held_out = predictions[predictions["split"] == "held out"]
     assert summary["held_out_accuracy"] == pytest.approx((held_out["label"] == held_out["predicted"]).mean())
     genes = pd.read_csv(out / "class_gene_tables.csv")
-    assert {"cell_type", "rank", "gene", "attribution", "contrastive", "pixel_saliency", "expression"} <= set(genes.columns)
+    assert {"cell_type", "rank", "gene", "attribution", "pixel_saliency", "expression"} <= set(genes.columns)
     assert summary["gene_attribution"]["method"] == "integrated-gradients"
     assert summary["gene_attribution"]["completeness_max_relative_error"] <= 0.01
     # pixel-mates get their own values: no run of tied genes at the top (the paper's pixel saliency had 7)

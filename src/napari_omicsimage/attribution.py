@@ -15,7 +15,10 @@ target class, negative = against it:
     Integrated Gradients (Sundararajan et al. 2017) along the straight path
     from a baseline profile to the sample (Gauss–Legendre quadrature,
     ``n_steps`` points).  *Completeness*: a sample's attributions sum to
-    ``logit(x) − logit(baseline)``.  The baseline is a stated choice
+    ``logit(x) − logit(baseline)``; samples that miss it by more than 1 %
+    (:data:`COMPLETENESS_TOLERANCE`) are redone with 2×, 4×, 8× the steps
+    (a ReLU network's kinks along the path can fall between quadrature
+    points).  The baseline is a stated choice
     (:data:`BASELINES`): ``"mean"`` (default) is the training samples' mean
     preprocessed profile (``TrainedModel.fill_values``), so a gene scores by how
     its deviation from the average sample moves the logit; ``"zeros"`` is every

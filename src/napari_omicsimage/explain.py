@@ -279,14 +279,14 @@ class Explanation:
 
 
 def explain(trained, adata, method: str | None = None, label_column: str | None = None, *,
-            pixel_method: str = "gradient", baseline="mean", max_missing_fraction: float | None = None,
-            progress=None, **options) -> Explanation:
+            pixel_method: str = "gradient", baseline="mean", contrastive: bool = True,
+            max_missing_fraction: float | None = None, progress=None, **options) -> Explanation:
     """Gene attribution and pixel saliency of every sample in ``adata`` for its predicted class.
 
     ``method`` is the gene attribution method (default
     :data:`~napari_omicsimage.attribution.DEFAULT_GENE_METHOD`), ``baseline`` its
     baseline (see :func:`~napari_omicsimage.attribution.gene_attributions`);
-    contrastive scores are computed too.  ``pixel_method`` is the paper's
+    contrastive scores are computed too unless ``contrastive=False`` (half the cost).  ``pixel_method`` is the paper's
     pixel saliency (:data:`SALIENCY_METHODS`).  Layouts without genes (the
     published RGB method) get pixel saliency only.
 
@@ -318,7 +318,7 @@ def explain(trained, adata, method: str | None = None, label_column: str | None 
     sal = saliency(trained.model, images, pixel_method, target=predicted, **options)
     attribution = None
     if trained.layout.has_gene_map:
-        attribution = gene_attributions(trained, x, method, target=predicted, baseline=baseline, contrastive=True,
+        attribution = gene_attributions(trained, x, method, target=predicted, baseline=baseline, contrastive=contrastive,
                                         progress=progress, **options)
     true = None
     if label_column is not None:
