@@ -7,9 +7,6 @@ the same thing with the same defaults.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +14,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
-from .io import check_labels
+from .io import check_labels, reading_notes
 from .layouts import Layout, make_layout, save_layout
+from .outputs import write_output_dir
 from .preprocess import PreprocessConfig, Preprocessor
 
 
@@ -62,15 +59,18 @@ def imagify(
         check_labels(adata, label_column)
         labels = adata.obs[label_column].astype(str)
     preprocessor = Preprocessor(preprocess or PreprocessConfig())
-    x = preprocessor.fit_transform(adata)
     layout = make_layout(method, size=size, **(layout_params or {}))
-    images = layout.fit_transform(x, preprocessor.genes_, progress=progress) \
-        if layout.has_gene_map else layout.fit_transform(x, preprocessor.genes_)
-    notes = [f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
+    layout.check_memory(adata.n_obs)  # before any work: refuse images that cannot fit in memory
+    x = preprocessor.fit_transform(adata)
+    passed = preprocessor.qc_passed_
+    render = {"progress": progress} if layout.has_gene_map else {}
+    if passed.all():
+        images = layout.fit_transform(x, preprocessor.genes_, **render)
+    else:  # QC left samples out of the fit; every sample still gets its image
+        images = layout.fit(x[passed], preprocessor.genes_).transform(x, **render)
+    notes = [*reading_notes(adata), *preprocessor.notes_,
+             f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
              layout.describe()]
-    orientation = adata.uns.get("omicsimage", {}).get("orientation")
-    if orientation:
-        notes.insert(0, orientation)
     info = getattr(layout, "info_", {})
     if "n_unplaced" in info:
         notes.append(f"{info['n_unplaced']} of {info['n_unplaced'] + info['n_placed']} genes are not in "
@@ -81,20 +81,15 @@ def imagify(
     return Imagified(images, adata.obs_names.copy(), labels, layout, preprocessor, x, notes)
 
 
-def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False,
+                         inputs=()) -> Path:
     """Write ``images.npy``, ``samples.csv``, the fitted layout and ``pixel_genes.csv``.
 
-    The folder is written under a temporary name and moved into place at the
-    end, so an interrupted run never leaves a half-written result, and an
-    existing folder is only replaced with ``overwrite=True``.
+    Through :func:`napari_omicsimage.outputs.write_output_dir`: built under a
+    temporary name and moved into place at the end, and with ``overwrite=True``
+    only the files an earlier run of this tool wrote there are replaced.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    def fill(tmp: Path) -> None:
         np.save(tmp / "images.npy", result.images.astype(np.float32, copy=False))
         frame = pd.DataFrame({"sample": result.samples})
         frame["label"] = result.labels.to_numpy() if result.labels is not None else ""
@@ -110,10 +105,5 @@ def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: b
             {"method": layout.method, "description": layout.describe(),
              "has_gene_map": layout.has_gene_map, "shape": list(result.images.shape),
              "genes": [str(g) for g in result.genes], "notes": result.notes}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_output_dir(out_dir, fill, overwrite=overwrite, inputs=inputs)
