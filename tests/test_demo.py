@@ -87,13 +87,18 @@ def test_headless_demo_writes_everything_without_qt(tmp_path):
     held_out = predictions[predictions["split"] == "held out"]
     assert summary["held_out_accuracy"] == pytest.approx((held_out["label"] == held_out["predicted"]).mean())
     genes = pd.read_csv(out / "class_gene_tables.csv")
-    assert {"cell_type", "rank", "gene", "saliency", "expression"} <= set(genes.columns)
+    assert {"cell_type", "rank", "gene", "attribution", "pixel_saliency", "expression"} <= set(genes.columns)
+    assert summary["gene_attribution"]["method"] == "integrated-gradients"
+    assert summary["gene_attribution"]["completeness_max_relative_error"] <= 0.01
+    # pixel-mates get their own values: no run of tied genes at the top (the paper's pixel saliency had 7)
+    monocytes = genes[genes["cell_type"] == "CD14+ Monocyte"].head(10)
+    assert monocytes["attribution"].round(6).nunique() == 10
     # biology check: the genes that explain monocytes are known monocyte genes, far more often than chance
     monocyte = genes[genes["cell_type"] == "CD14+ Monocyte"].sort_values("rank")
     markers = MONOCYTE_MARKERS & set(monocyte["gene"])  # 15 of the 18 are among the demo's 765 genes
     top = set(monocyte.head(TOP_N)["gene"])
     # a random ranking puts >= MIN_MARKERS of the 15 in the top 20 of 765 with probability 1.8e-5
-    # (hypergeometric tail, computed here); the demo model puts 9 there (5 in its top 10)
+    # (hypergeometric tail, computed here)
     assert _random_ranking_passes(len(monocyte), len(markers)) < 1e-3
     assert len(top & markers) >= MIN_MARKERS, sorted(top & markers)
     for name in ("sample_images.png", "saliency.png", "density.png"):
@@ -112,7 +117,8 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
     viewer = make_napari_viewer()
     viewer, docks = show_demo(quick_result, viewer=viewer, run=False)
     names = {layer.name for layer in viewer.layers}
-    assert {"expression images", "class means", "gene density", "gene pixels", "saliency (gradient)"} <= names
+    assert {"expression images", "class means", "gene density", "gene pixels", "saliency (gradient)",
+            "gene attribution (integrated-gradients)"} <= names
     assert set(docks) == {"1 Data", "2 Imagify", "3 Train / evaluate", "4 Load model", "5 Saliency",
                           "Annotate regions", "Gene inspector"}
     session = get_session(viewer)
@@ -120,8 +126,8 @@ def test_demo_window_has_every_layer_ready_to_hover(make_napari_viewer, quick_re
     assert "[held out]" in text_overlay(viewer).text or "[training]" in text_overlay(viewer).text
     saliency_widget = docks["5 Saliency"][1]
     top = saliency_widget.table_frame.iloc[0]
-    status = session.layer("saliency").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
-    assert top["gene"] in status and "saliency" in status
+    status = session.layer("attribution").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
+    assert top["gene"] in status and "attribution" in status and "saliency" in status
     assert docks["3 Train / evaluate"][1].metrics_table.rowCount() == len(quick_result.trained.history)
 
 

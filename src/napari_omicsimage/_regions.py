@@ -10,7 +10,7 @@ touches, on all four sides alike.  "On" means within :data:`EDGE_TOLERANCE`
 pixels of an edge; ellipses are tested exactly (the ellipse inscribed in the
 shape's four bounding corners), not through a polygon.  The genes of a region
 are those whose pixel is inside it (:meth:`PixelMap.genes_in_mask`), ranked
-by saliency.
+by gene attribution (by pixel saliency when no attribution is given).
 
 Region files are small JSON documents (no pickles) that the napari reader
 contribution turns back into a Shapes or Labels layer.
@@ -35,7 +35,7 @@ AREA_SHAPES = ("polygon", "rectangle", "ellipse")
 #: shapes that enclose no area: they select no pixel
 LINE_SHAPES = ("line", "path")
 
-GENE_TABLE_COLUMNS = ["region", "rank", "gene", "saliency", "expression", "channel", "row", "col"]
+GENE_TABLE_COLUMNS = ["region", "rank", "gene", "attribution", "saliency", "expression", "channel", "row", "col"]
 #: a pixel centre within this distance (in pixels) of a shape's edge is on the edge, so it is included;
 #: it absorbs floating-point noise in the vertices napari reports, and nothing a user can draw
 EDGE_TOLERANCE = 1e-6
@@ -161,14 +161,16 @@ def region_gene_table(
     *,
     saliency: np.ndarray | None = None,
     expression: np.ndarray | None = None,
+    attribution: np.ndarray | None = None,
     channel_names: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Genes inside each region, ranked by saliency (then expression).
+    """Genes inside each region, ranked by ``|attribution|`` (sign kept), else by saliency (then expression).
 
-    ``saliency`` is a ``(C, H, W)`` map (its value at a gene's pixel is the
-    gene's saliency); ``expression`` one value per gene.  A gene inside a
-    region in several channels is listed once, with its most salient pixel.
-    Columns: ``region, rank, gene, saliency, expression, channel, row, col``.
+    ``attribution`` (signed gene attribution) and ``expression`` are one value
+    per gene; ``saliency`` is a ``(C, H, W)`` pixel-saliency map (its value at
+    a gene's pixel is the gene's pixel saliency).  A gene inside a region in
+    several channels is listed once, with its most salient pixel.  Columns:
+    ``region, rank, gene, attribution, saliency, expression, channel, row, col``.
     """
     names = channel_names or ([""] if pixel_map.n_channels == 1 else [str(c) for c in range(pixel_map.n_channels)])
     if saliency is not None and tuple(np.shape(saliency)) != (pixel_map.n_channels, *pixel_map.shape):
@@ -186,6 +188,7 @@ def region_gene_table(
             rows, cols = pixel_map.gene_pixels[c, idx, 0], pixel_map.gene_pixels[c, idx, 1]
             parts.append(pd.DataFrame({
                 "gene": pixel_map.genes[idx],
+                "attribution": np.asarray(attribution, dtype=float)[idx] if attribution is not None else np.nan,
                 "saliency": saliency[c, rows, cols] if saliency is not None else np.nan,
                 "expression": np.asarray(expression, dtype=float)[idx] if expression is not None else np.nan,
                 "channel": names[c], "row": rows, "col": cols,
@@ -194,7 +197,10 @@ def region_gene_table(
             continue
         genes = pd.concat(parts, ignore_index=True)
         genes = genes.sort_values(["saliency", "expression"], ascending=False, na_position="last", kind="stable")
-        genes = genes.drop_duplicates("gene", keep="first").reset_index(drop=True)
+        genes = genes.drop_duplicates("gene", keep="first")  # its most salient pixel
+        if attribution is not None:
+            genes = genes.iloc[np.argsort(-genes["attribution"].abs().to_numpy(), kind="stable")]
+        genes = genes.reset_index(drop=True)
         genes.insert(0, "region", region)
         genes.insert(1, "rank", np.arange(1, len(genes) + 1))
         frames.append(genes)

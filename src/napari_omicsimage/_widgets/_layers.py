@@ -33,6 +33,8 @@ SALIENCY_COLORMAP = "inferno"
 #: saliency below this share of the image's maximum adds nothing: the diffuse low gradient of
 #: every pixel would otherwise tint the whole image
 SALIENCY_FLOOR = 0.15
+#: gene attribution: blue (against the class) – transparent (0) – red (for it), contrast symmetric about 0
+ATTRIBUTION_COLORMAP_NAME = "omicsimage attribution"
 #: size of a class-mean tile relative to the sample image
 TILE_SCALE = 0.5
 
@@ -297,11 +299,48 @@ def saliency_layer(imageset: ImageSet) -> tuple:
         "contrast_limits": [SALIENCY_FLOOR, 1.0], "metadata": _meta("saliency", imageset)}, "image")
 
 
-def selected_gene_layer(imageset: ImageSet, row: int, col: int, gene: str) -> tuple:
-    return (np.array([[row, col]], dtype=float), {
+def attribution_colormap():
+    """Diverging, centred on 0 and transparent there, so the expression image shows through neutral pixels."""
+    from napari.utils.colormaps import Colormap
+
+    colours = np.array([[0.13, 0.40, 0.95, 1.0], [0.55, 0.70, 1.0, 0.75], [0.0, 0.0, 0.0, 0.0],
+                        [1.0, 0.62, 0.45, 0.75], [0.92, 0.16, 0.10, 1.0]])
+    return Colormap(colours, controls=[0.0, 0.3, 0.5, 0.7, 1.0], name=ATTRIBUTION_COLORMAP_NAME)
+
+
+def attribution_layer(imageset: ImageSet) -> tuple:
+    """Each pixel's summed signed gene attribution: per sample (follows the slider) or a class mean.
+
+    Each map is divided by its largest magnitude, so contrast limits [-1, 1]
+    put 0 at the centre of the diverging colormap.
+    """
+    view = imageset.saliency
+    if view.target_class is None:
+        values = view.attribution.values
+        data = np.stack([_symmetric(imageset.attribution_image(v)) for v in values])
+        name = f"gene attribution ({view.gene_method})"
+    else:
+        data = _symmetric(imageset.attribution_image(view.per_class_attribution[view.target_class]))
+        name = f"gene attribution ({view.gene_method}, class {view.target_class})"
+    return (data.astype(np.float32), {
+        "name": name, "colormap": attribution_colormap(), "blending": "translucent", "opacity": 1.0,
+        "contrast_limits": [-1.0, 1.0], "metadata": _meta("attribution", imageset)}, "image")
+
+
+def _symmetric(image: np.ndarray) -> np.ndarray:
+    top = float(np.abs(image).max()) if image.size else 0.0
+    return image / top if top > 0 else np.zeros_like(image)
+
+
+def selected_gene_layer(imageset: ImageSet, gene: str) -> tuple:
+    """Cyan squares on every pixel where ``gene`` is drawn (one per channel that draws it)."""
+    index = list(imageset.pixel_map.genes).index(gene)
+    pixels = imageset.pixel_map.gene_pixels[:, index]
+    pixels = np.unique(pixels[pixels[:, 0] >= 0], axis=0).astype(float)
+    return (pixels, {
         "name": "selected gene", "symbol": "square", "size": 1.6, "face_color": "transparent",
         "border_color": "cyan", "border_width": 0.18,
-        "features": pd.DataFrame({"gene": [gene]}),
+        "features": pd.DataFrame({"gene": [gene] * len(pixels)}),
         "text": {"string": "{gene}", "anchor": "upper_left", "size": 11, "color": "cyan",
                  "translation": [-0.9, 0.9]},
         "metadata": _meta("selected-gene", imageset)}, "points")
