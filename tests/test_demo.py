@@ -10,6 +10,7 @@ import pytest
 
 import napari_omicsimage._widgets  # noqa: F401  (keeps triton out before napari creates a GL context)
 from napari_omicsimage.cli import main
+from napari_omicsimage.outputs import MANIFEST
 
 #: a layout that fits in a fraction of a second, so tests need not wait for t-SNE
 QUICK = {"method": "grid", "size": None, "order": "cluster"}
@@ -58,6 +59,7 @@ def test_demo_cli_refuses_bad_output_options(tmp_path, capsys):
     assert "--headless writes files: give --out DIR" in capsys.readouterr().err
     existing = tmp_path / "taken"
     existing.mkdir()
+    (existing / "notes.txt").write_text("the user's")  # an empty folder may be used; one with files may not
     assert main(["demo", "--headless", "--out", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "x")]) == 2
@@ -74,7 +76,8 @@ def test_headless_demo_writes_everything_without_qt(tmp_path):
     assert "QT_MODULES []" in done.stdout, done.stdout
     assert f"wrote images, model, saliency, gene tables and figures to {out}" in done.stdout
     expected = {"images.npy", "saliency.npy", "model.pt", "layout.npz", "pixel_genes.csv", "predictions.csv",
-                "class_gene_tables.csv", "summary.json", "sample_images.png", "saliency.png", "density.png"}
+                "class_gene_tables.csv", "summary.json", "sample_images.png", "saliency.png", "density.png",
+                MANIFEST}
     assert expected == {p.name for p in out.iterdir()}
     images, saliency = np.load(out / "images.npy"), np.load(out / "saliency.npy")
     assert images.shape == saliency.shape == (700, 1, 32, 32)
