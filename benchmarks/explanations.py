@@ -25,7 +25,7 @@ Same data sets, layout and folds as the accuracy benchmark (`accuracy.DATASETS`,
 * **Speed** (``--speed``) — seconds for gene IG (32 steps) against pixel IG on the same model.
 
     python benchmarks/explanations.py --quick      # smoke run: srbct, 2 folds, 4 samples per fold
-    python benchmarks/explanations.py              # default: srbct, medulloblastoma, pbmc, all_bt; 5 folds
+    python benchmarks/explanations.py              # default: srbct, medulloblastoma, pbmc; 5 folds (ALL: --datasets)
     python benchmarks/explanations.py --speed      # the speed table only (1,000 PBMC samples)
 
 Writes CSVs to ``--out-dir`` (per-sample AUCs, curves, stability, biology, accuracy), prints Markdown tables
@@ -580,7 +580,7 @@ def speed(n_samples: int, settings: Settings) -> pd.DataFrame:
 # --------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["srbct", "medulloblastoma", "pbmc", "all_bt"],
+    parser.add_argument("--datasets", nargs="+", default=["srbct", "medulloblastoma", "pbmc"],
                         choices=list(accuracy.DATASETS))
     parser.add_argument("--layout", default="deepinsight-tsne", choices=list(accuracy.METHODS),
                         help="accuracy-benchmark layout name (default: today's default layout)")
