@@ -34,7 +34,7 @@ import numpy as np
 
 from .annotation import chromosome_positions
 from .errors import OmicsInputError
-from .render import PixelMap
+from .render import PixelMap, check_image_memory
 
 METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid", "som")
 FEATURE_EXTRACTORS = ("tsne", "umap", "pca", "kpca", "tsne-sklearn")
@@ -64,6 +64,11 @@ def smallest_square(n_genes: int) -> tuple[int, int]:
     return side, side
 
 
+#: Placing genes on pixels keeps a few arrays over all pixels (pyDeepInsight's pixel centroids and
+#: assignment: int64 row and column per pixel, float coordinates), about this many bytes per pixel.
+_FIT_BYTES_PER_PIXEL = 32
+
+
 def _size(size) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
@@ -71,6 +76,11 @@ def _size(size) -> tuple[int, int]:
     if h < 2 or w < 2:
         raise OmicsInputError(f"image size must be at least 2×2 pixels, got {h}×{w}.")
     return h, w
+
+
+def _check_pixel_grid(size: tuple[int, int]) -> None:
+    """Fitting at an absurd size would exhaust memory on the pixel grid alone: refuse it first."""
+    check_image_memory(1, 1, size, bytes_per_value=_FIT_BYTES_PER_PIXEL, what="pixel grid for placing genes")
 
 
 # ============================================================ base classes
@@ -89,6 +99,14 @@ class Layout:
 
     def fit_transform(self, x: np.ndarray, genes=None, **render_options):
         return self.fit(x, genes).transform(x, **render_options)
+
+    #: channels of the images, known before fitting (memory checks)
+    planned_channels: int = 1
+
+    def check_memory(self, n_samples: int) -> None:
+        """Refuse, before any work, images of ``n_samples`` that would not fit in memory."""
+        if self.size is not None:
+            check_image_memory(n_samples, self.planned_channels, self.size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -464,6 +482,7 @@ def _image_transformer(extractor, discretization: str, size: tuple[int, int]):
 
 
 def _fit_transformer_coords(extractor, discretization, size, x) -> np.ndarray:
+    _check_pixel_grid(size)
     n_genes = x.shape[1]
     if discretization in ASSIGNMENT_DISCRETIZATIONS and n_genes > size[0] * size[1]:
         # pyDeepInsight would cluster the genes into one cluster per pixel first: pixels shared again, slowly
@@ -488,6 +507,8 @@ class _TransformerLayout(GeneLayout):
         if discretization not in DISCRETIZATIONS:
             raise OmicsInputError(f"unknown discretisation {discretization!r}; choose one of {DISCRETIZATIONS}.")
         self.discretization = discretization
+        if self.size is None and discretization not in ASSIGNMENT_DISCRETIZATIONS:
+            self.size = self._fitted_size(0)  # known before fitting (memory checks)
 
     def _fitted_size(self, n_genes):
         if self.requested_size is None and self.discretization in ASSIGNMENT_DISCRETIZATIONS:
@@ -584,6 +605,10 @@ class MultiLayoutRGB(_TransformerLayout):
         self._place(np.stack(channels), genes)
         return self
 
+    @property
+    def planned_channels(self) -> int:
+        return len(self.extractors)
+
     def params(self):
         return {**super().params(), "extractors": list(self.extractors),
                 "discretization": self.discretization, "random_state": self.random_state}
@@ -621,6 +646,11 @@ class GridLayout(GeneLayout):
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
         n_genes = len(genes)
+        if n_genes < 2:
+            raise OmicsInputError(
+                f"a grid needs at least 2 genes, got {n_genes}; keep more genes (check --n-top-genes and "
+                "that the genes vary across samples)."
+            )
         self.size = self._fitted_size(n_genes)
         self.info_ = {}
         if self.order == "input":
@@ -638,6 +668,7 @@ class GridLayout(GeneLayout):
                               "chromosome order falls back to input order", stacklevel=2)
         else:
             order = _cluster_order(x)
+        _check_pixel_grid(self.size)
         n_pixels = self.size[0] * self.size[1]
         per_pixel = math.ceil(n_genes / n_pixels)
         slot = np.empty(n_genes, dtype=np.int64)
@@ -700,6 +731,7 @@ class SOMLayout(GeneLayout):
         if n_genes < 3:
             raise OmicsInputError(f"a SOM layout needs at least 3 genes, got {n_genes}.")
         self.size = self._fitted_size(n_genes)
+        _check_pixel_grid(self.size)
         h, w = self.size
         points = _unit_profiles(x, self.n_components, self.random_state)
         sigma = self.sigma if self.sigma is not None else max(1.0, max(h, w) / 4)
@@ -783,6 +815,7 @@ class RGBEmbedding(Layout):
         self.random_state = random_state
 
     n_channels = 3
+    planned_channels = 3
 
     def fit(self, x, genes=None):
         import umap
@@ -828,6 +861,7 @@ class RGBEmbedding(Layout):
         scaled = self._scaled(embeddings)
         h, w = self.size
         n = scaled["tsne"].shape[0]
+        check_image_memory(n, 3, self.size)
         images = np.zeros((n, 3, h, w), dtype=np.float32)
         rows = np.rint(scaled["tsne"][:, 0] * (h - 1)).astype(int)
         cols = np.rint(scaled["tsne"][:, 1] * (w - 1)).astype(int)
@@ -878,17 +912,17 @@ def make_layout(method: str, size=None, **params) -> Layout:
     """Build an unfitted layout by method name (the CLI's ``--method``)."""
     # size None: each layout's own default (assignment discretisations and SOMs: one pixel per gene)
     if method == "deepinsight":
-        return DeepInsightLayout(size=size or None, **params)
+        return DeepInsightLayout(size=size, **params)
     if method == "fotomics":
-        return FotomicsLayout(size=size or None, **params)
+        return FotomicsLayout(size=size, **params)
     if method == "rgb-layouts":
-        return MultiLayoutRGB(size=size or None, **params)
+        return MultiLayoutRGB(size=size, **params)
     if method == "grid":
         return GridLayout(size=size, **params)
     if method == "som":
         return SOMLayout(size=size, **params)
     if method == "rgb-embedding":
-        return RGBEmbedding(size=size or 128, **params)
+        return RGBEmbedding(size=128 if size is None else size, **params)
     raise OmicsInputError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
