@@ -88,6 +88,14 @@ def test_imagify_size_follows_the_method_default_until_the_user_sets_one(make_na
     imagify.size_spin.setValue(40)  # the user's choice survives method changes
     imagify.method_combo.setCurrentText("rgb-embedding")
     assert imagify.layout_spec()["size"] == 40
+    imagify.size_spin.setValue(32)
+    imagify.method_combo.setCurrentText("deepinsight")
+    imagify.discretization_combo.setCurrentText("lsa")  # one gene per pixel: sized when the genes are known
+    assert imagify.layout_spec()["size"] is None and imagify.layout_spec()["discretization"] == "lsa"
+    imagify.discretization_combo.setCurrentText("bin")
+    assert imagify.layout_spec()["size"] == 32
+    imagify.method_combo.setCurrentText("som")
+    assert imagify.layout_spec() == {"method": "som", "size": None, "random_state": 0}
 
 
 def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_path, tmp_path):
