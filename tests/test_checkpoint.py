@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_planted
 
-from napari_omicsimage.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from napari_omicsimage.checkpoint import FORMAT, content_digest, load_checkpoint, save_checkpoint
 from napari_omicsimage.errors import CheckpointError, OmicsInputError
 from napari_omicsimage.layouts import RGBEmbedding
 from napari_omicsimage.preprocess import PreprocessConfig
@@ -59,7 +59,7 @@ def test_truncated_and_corrupted_files_are_clear_errors(saved, tmp_path):
     data = saved.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupted, truncated"):
+    with pytest.raises(CheckpointError, match="damaged, truncated"):
         load_checkpoint(truncated)
     corrupted = tmp_path / "corrupted.pt"
     corrupted.write_bytes(data[:200] + bytes(b ^ 0xFF for b in data[200:1200]) + data[1200:])
@@ -67,7 +67,7 @@ def test_truncated_and_corrupted_files_are_clear_errors(saved, tmp_path):
         load_checkpoint(corrupted)
     text = tmp_path / "notes.pt"
     text.write_text("just some text\n")
-    with pytest.raises(CheckpointError, match="corrupted, truncated or not a PyTorch file"):
+    with pytest.raises(CheckpointError, match="damaged.* or not a PyTorch file"):
         load_checkpoint(text)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
@@ -117,20 +117,26 @@ def test_writing_is_atomic(trained_and_data, saved, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(trained, saved)
+        save_checkpoint(trained, saved, overwrite=True)
     assert saved.read_bytes() == original  # the old checkpoint is untouched
-    assert [p.name for p in saved.parent.iterdir()] == ["model.pt"]  # no temporary file left behind
+    # no temporary file left behind (the manifest records what the tool wrote here)
+    assert sorted(p.name for p in saved.parent.iterdir()) == [".omicsimage-outputs.json", "model.pt"]
 
 
 def test_unfitted_or_folder_targets_are_refused_clearly(trained_and_data, tmp_path):
     trained, _ = trained_and_data
     unfitted = TrainedModel(model=trained.model, preprocessor=trained.preprocessor, layout=RGBEmbedding(size=16),
-                            classes=trained.classes, config=trained.config)
+                            classes=trained.classes, config=trained.config, history=trained.history)
     with pytest.raises(OmicsInputError, match="not fitted"):
         save_checkpoint(unfitted, tmp_path / "rgb.pt")
     assert not (tmp_path / "rgb.pt").exists()
     with pytest.raises(OmicsInputError, match="is a folder"):
         save_checkpoint(trained, tmp_path)
+    untrained = TrainedModel(model=trained.model, preprocessor=trained.preprocessor, layout=trained.layout,
+                             classes=trained.classes, config=trained.config, history=[], cancelled=True)
+    with pytest.raises(OmicsInputError, match="nothing to save"):
+        save_checkpoint(untrained, tmp_path / "untrained.pt")
+    assert not (tmp_path / "untrained.pt").exists()
 
 
 @pytest.mark.slow
@@ -149,3 +155,92 @@ def test_published_rgb_method_round_trip(tmp_path):
     assert np.corrcoef(after["umap"][:, 0], before["umap"][:, 0])[0, 1] > 0.5
     frame = loaded.predict(adata[36:].copy())
     assert len(frame) == 9 and np.allclose(frame.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
+
+
+def test_changed_weight_bytes_are_reported_as_damage(saved, tmp_path):
+    """One weight changed inside an otherwise valid file: the stored SHA-256 no longer matches."""
+    payload = torch.load(saved, weights_only=True)
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name].view(-1)[0] += 0.5
+    tampered = tmp_path / "tampered.pt"
+    torch.save(payload, tampered)
+    with pytest.raises(CheckpointError, match="damaged: its content no longer matches the SHA-256"):
+        load_checkpoint(tampered)
+    payload["sha256"] = content_digest(payload)  # the same change with a matching digest loads
+    torch.save(payload, tampered)
+    assert load_checkpoint(tampered, device="cpu").model.state_dict()[name].view(-1)[0] == \
+        payload["state_dict"][name].view(-1)[0]
+    del payload["sha256"]
+    torch.save(payload, tampered)
+    with pytest.raises(CheckpointError, match="lost its SHA-256"):
+        load_checkpoint(tampered)
+
+
+def test_flipped_bytes_in_the_stored_weights_are_damage(saved, tmp_path):
+    """Bytes flipped on disk inside a tensor's storage (the zip's structure intact)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(saved) as archive:
+        data_entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(saved.read_bytes())
+    # the local header's own name and extra lengths (torch pads the extra field to align storages)
+    name_length, extra_length = struct.unpack("<HH", raw[data_entry.header_offset + 26:data_entry.header_offset + 30])
+    offset = data_entry.header_offset + 30 + name_length + extra_length
+    raw[offset + 8] ^= 0x40
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(flipped)
+
+
+def test_damage_in_the_first_bytes_is_damage_not_code(saved, tmp_path):
+    raw = bytearray(saved.read_bytes())
+    raw[:8] = b"XXXXXXXX"
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged") as caught:
+        load_checkpoint(broken)
+    assert "could run code" not in str(caught.value)
+
+
+def test_overwrite_replaces_only_checkpoints_this_tool_wrote(trained_and_data, saved, tmp_path):
+    trained, _ = trained_and_data
+    with pytest.raises(OmicsInputError, match="already exists"):
+        save_checkpoint(trained, saved)
+    save_checkpoint(trained, saved, overwrite=True)  # ours: replaced
+    notes = tmp_path / "notes.pt"
+    notes.write_text("the user's notes")
+    with pytest.raises(OmicsInputError, match="not written by napari-omicsimage"):
+        save_checkpoint(trained, notes, overwrite=True)
+    assert notes.read_text() == "the user's notes"
+    moved = tmp_path / "elsewhere" / "copy.pt"  # a checkpoint vouches for itself where no manifest lists it
+    moved.parent.mkdir()
+    moved.write_bytes(saved.read_bytes())
+    save_checkpoint(trained, moved, overwrite=True)
+
+
+def test_a_model_cancelled_before_its_first_epoch_is_an_error(tmp_path):
+    from napari_omicsimage.errors import TrainingCancelled
+
+    adata, _ = make_planted(n_samples=24, n_genes=20)
+    config = TrainConfig(epochs=2, batch_size=8, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
+    with pytest.raises(TrainingCancelled, match="before its first epoch"):
+        train(adata, "label", {"method": "grid"}, config, progress=lambda event: True)
+
+
+def test_weights_file_with_code_is_a_short_refusal(tmp_path, capsys):
+    from napari_omicsimage.models import build_model
+
+    marker = tmp_path / "code_ran"
+    weights = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": _Exploit(marker)}, weights)
+    with pytest.raises(OmicsInputError, match="could run code") as caught:
+        build_model("resnet18", 3, 2, weights=str(weights))
+    assert not marker.exists()
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400 and "torchvision" in message
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(OmicsInputError, match="damaged"):
+        build_model("resnet18", 3, 2, weights=str(damaged))

@@ -127,7 +127,7 @@ def test_model_commands_give_clear_errors(data_files, tmp_path, capsys):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
     assert main(["predict", str(broken), str(expression), "--samples-in-rows", "--out", str(tmp_path / "p.csv")]) == 2
-    assert "corrupted, truncated" in capsys.readouterr().err
+    assert "damaged, truncated" in capsys.readouterr().err
     assert main(["train", *_input(data_files), *FAST, "--weights", "imagenet", "--out", str(tmp_path / "m.pt")]) == 2
     assert "no pretrained weights" in capsys.readouterr().err
     assert main(["evaluate", *_input(data_files), *FAST, "--compare-model", "small", "--out",

@@ -37,8 +37,13 @@ def test_render_refuses_to_overwrite_then_overwrites_on_request(tmp_path, toy_ad
             "--out", str(out)]
     assert main(args) == 2
     assert (out / "precious.txt").read_text() == "keep me"
-    assert main(args + ["--overwrite"]) == 0
-    assert (out / "images.npy").exists() and not (out / "precious.txt").exists()
+    assert main(args + ["--overwrite"]) == 2  # a folder this tool did not write is never touched
+    assert (out / "precious.txt").read_text() == "keep me" and not (out / "images.npy").exists()
+    (out / "precious.txt").unlink()
+    assert main(args) == 0  # an empty folder is fine
+    (out / "precious.txt").write_text("keep me")
+    assert main(args + ["--overwrite"]) == 0  # replaces only what the first run wrote
+    assert (out / "images.npy").exists() and (out / "precious.txt").read_text() == "keep me"
 
 
 def test_render_bundled_sample_with_grid_in_chromosome_order(tmp_path, capsys):

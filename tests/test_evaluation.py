@@ -217,7 +217,8 @@ def test_report_files(planted_cv, tmp_path):
     with pytest.raises(OmicsInputError, match="already exists"):
         write_report(result, out)
     write_report(result, out, overwrite=True)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary left
+    assert not [p for p in out.iterdir() if p.name.startswith(".omicsimage-tmp")]
 
 
 def test_table_lists_folds_mean_and_baseline(planted_cv):

@@ -94,7 +94,7 @@ def test_unusable_weights_files_are_clear_errors(tmp_path):
         build_model("resnet18", 3, 2, weights=tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file at all")
-    with pytest.raises(OmicsInputError, match="not a readable PyTorch weights file"):
+    with pytest.raises(OmicsInputError, match="damaged.*or not a PyTorch file"):
         build_model("resnet18", 3, 2, weights=garbage)
     other = tmp_path / "efficientnet.pth"
     torch.save(torchvision.models.efficientnet_b0(weights=None).state_dict(), other)

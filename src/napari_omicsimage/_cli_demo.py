@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from .errors import OmicsInputError
 
@@ -14,9 +13,9 @@ def cmd_demo(args) -> int:
     if args.headless:
         if args.out is None:
             raise OmicsInputError("--headless writes files: give --out DIR.")
-        out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise OmicsInputError(f"{out} already exists; choose another --out or pass --overwrite.")
+        from .outputs import check_output
+
+        out = check_output(args.out, kind="dir", overwrite=args.overwrite)
         result = run_demo(epochs=args.epochs, device=args.device)
         write_demo_outputs(result, out, overwrite=args.overwrite)
         print(f"wrote images, model, saliency, gene tables and figures to {out}")
@@ -34,6 +33,7 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     """Add the demo command to the ``omicsimage`` parser."""
+    from .cli import OVERWRITE_HELP
     from .demo import DEMO_EPOCHS
 
     demo = sub.add_parser(
@@ -44,7 +44,7 @@ def register(sub) -> None:
                     "results and PNG figures instead of opening a window.")
     demo.add_argument("--headless", action="store_true", help="write files instead of opening napari")
     demo.add_argument("--out", metavar="DIR", help="output folder (with --headless)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    demo.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"training epochs (default {DEMO_EPOCHS})")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
     demo.set_defaults(func=cmd_demo)

@@ -61,11 +61,6 @@ def _train_config(args):
                                     preprocess=preprocess_config(args), **chosen).validate()
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OmicsInputError(f"{path} already exists; choose another --out or pass --overwrite.")
-
-
 def _max_missing(args) -> dict:
     if args.max_missing is None:
         return {}
@@ -87,12 +82,11 @@ class _ConsoleProgress:
 
 # ------------------------------------------------------------------ commands
 def cmd_evaluate(args) -> int:
-    from .cli import layout_spec, load_input
+    from .cli import check_out, command_inputs, layout_spec, load_input
     from .evaluation import cross_validate, write_report
     from .reports import metrics_table
 
-    out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
+    out = check_out(args, "dir")
     if args.compare_model is not None and args.compare_model == args.model:
         raise OmicsInputError("--compare-model must differ from --model.")
     config = _train_config(args)
@@ -112,7 +106,7 @@ def cmd_evaluate(args) -> int:
         result.compare(other)
     elapsed = time.perf_counter() - started
     result.metrics["seconds"] = round(elapsed, 1)
-    write_report(result, out, overwrite=args.overwrite)
+    write_report(result, out, overwrite=args.overwrite, inputs=command_inputs(args))
     for note in result.notes:
         print(f"note: {note}")
     print(metrics_table(result))
@@ -126,13 +120,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_train(args) -> int:
     from .checkpoint import save_checkpoint
-    from .cli import layout_spec, load_input
+    from .cli import check_out, command_inputs, layout_spec, load_input
     from .training import train
 
-    out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
-    if out.is_dir():
-        raise OmicsInputError(f"{out} is a folder; --out names the model file, e.g. {out / 'model.pt'}.")
+    out = check_out(args, "file")
     config = _train_config(args)
     adata, label_column = load_input(args)
     spec = layout_spec(args)
@@ -142,7 +133,7 @@ def cmd_train(args) -> int:
               "(see docs/models.md)", file=sys.stderr)
     progress = _ConsoleProgress(True)
     trained = train(adata, label_column, spec, config, progress=progress)
-    save_checkpoint(trained, out)
+    save_checkpoint(trained, out, overwrite=args.overwrite, inputs=command_inputs(args))
     last = trained.history[-1] if trained.history else None
     print(f"trained {config.model} on {adata.n_obs} samples × {len(trained.genes)} genes, "
           f"{trained.layout.describe()}, classes {trained.classes}")
@@ -161,10 +152,10 @@ def _report_missing(trained) -> None:
 
 def cmd_predict(args) -> int:
     from .checkpoint import load_checkpoint
-    from .cli import load_input
+    from .cli import check_out, command_inputs, load_input
+    from .outputs import write_output_file
 
-    out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
+    out = check_out(args, "file")
     trained = load_checkpoint(args.model_file, device=args.device)
     adata, label_column = load_input(args, require_labels=False)
     frame = trained.predict(adata, **_max_missing(args))
@@ -173,8 +164,8 @@ def cmd_predict(args) -> int:
         truth = adata.obs[label_column].astype(str).to_numpy()
         frame.insert(1, "true", truth)
         print(f"accuracy on the {len(frame)} labelled samples: {(frame['predicted'] == truth).mean():.3f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    write_output_file(out, lambda tmp: frame.to_csv(tmp, index=False), overwrite=args.overwrite,
+                      inputs=command_inputs(args))
     counts = frame["predicted"].value_counts().to_dict()
     print(f"predicted {len(frame)} samples: {counts}; wrote {out}")
     return 0
@@ -193,19 +184,15 @@ def _file_stem(name: str, taken: set) -> str:
 
 
 def cmd_explain(args) -> int:
-    import os
-    import shutil
-    import tempfile
-
     import numpy as np
     import pandas as pd
 
     from .checkpoint import load_checkpoint
-    from .cli import load_input
+    from .cli import check_out, command_inputs, load_input
     from .explain import _NO_GENE_MAP, explain
+    from .outputs import write_output_dir
 
-    out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
+    out = check_out(args, "dir")
     if args.top_genes < 1:
         raise OmicsInputError("--top-genes must be at least 1.")
     trained = load_checkpoint(args.model_file, device=args.device)
@@ -215,10 +202,7 @@ def cmd_explain(args) -> int:
     result = explain(trained, adata, args.method, label_column, **_max_missing(args))
     _report_missing(trained)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    def fill(tmp: Path) -> None:
         np.save(tmp / "saliency.npy", result.saliency.astype(np.float32))
         np.save(tmp / "saliency_max.npy", result.saliency.max(axis=1).astype(np.float32))
         samples = pd.DataFrame({"sample": result.samples})
@@ -257,12 +241,8 @@ def cmd_explain(args) -> int:
                              "sample_top_genes.csv": f"top {args.top_genes} genes per sample",
                              "genes_<class>.csv": "all genes ranked per class"}}
         (tmp / "explain.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_output_dir(out, fill, overwrite=args.overwrite, inputs=command_inputs(args))
     print(f"{args.method} saliency of {len(result.samples)} samples ({result.grouping})")
     for name, members in result.class_members.items():
         table = result.class_table(trained.layout, name)
@@ -277,7 +257,7 @@ def cmd_explain(args) -> int:
 # ----------------------------------------------------------------- register
 def register(sub) -> None:
     """Add the model commands to the ``omicsimage`` parser."""
-    from .cli import add_input_arguments, add_layout_arguments
+    from .cli import OVERWRITE_HELP, add_input_arguments, add_layout_arguments
     from .explain import SALIENCY_METHODS
 
     evaluate = sub.add_parser(
@@ -294,7 +274,7 @@ def register(sub) -> None:
     evaluate.add_argument("--compare-model", choices=[m for m in _model_names()], default=None,
                           help="also cross-validate this model on the same folds and run a Wilcoxon test")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="report folder")
-    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.set_defaults(func=cmd_evaluate)
 
     train = sub.add_parser("train", help="train a CNN on all samples and save it as one checkpoint file")
@@ -302,7 +282,7 @@ def register(sub) -> None:
     add_layout_arguments(train)
     _add_training_arguments(train)
     train.add_argument("--out", required=True, metavar="MODEL_FILE", help="checkpoint file to write (.pt)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     train.set_defaults(func=cmd_train)
 
     predict = sub.add_parser("predict", help="predict classes of new samples with a saved model")
@@ -310,7 +290,7 @@ def register(sub) -> None:
     _add_predict_input_arguments(predict)
     predict.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
     predict.add_argument("--out", required=True, metavar="CSV", help="predictions table to write")
-    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     predict.set_defaults(func=cmd_predict)
 
     explain = sub.add_parser("explain", help="saliency maps and ranked gene tables per class")
@@ -322,7 +302,7 @@ def register(sub) -> None:
                          help="genes per sample in sample_top_genes.csv (default 50)")
     explain.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
     explain.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    explain.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    explain.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     explain.set_defaults(func=cmd_explain)
 
 

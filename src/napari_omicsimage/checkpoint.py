@@ -9,7 +9,7 @@ running code hidden in a file) is impossible.
 
 Layout of the file (a ``torch.save`` dict)::
 
-    {"format": "napari-omicsimage-checkpoint", "format_version": 1,
+    {"format": "napari-omicsimage-checkpoint", "format_version": 2, "sha256": "<of all the rest>",
      "meta": "<JSON: model, classes, genes, configs, layout meta, versions, ...>",
      "state_dict": {name: tensor},           # network weights
      "layout_arrays": {name: tensor},        # the fitted layout (gene → pixel map)
@@ -17,6 +17,9 @@ Layout of the file (a ``torch.save`` dict)::
 
 Writing goes to a temporary file in the target folder that is renamed over
 the target at the end, so a crash never leaves a half-written checkpoint.
+The SHA-256 of the whole content is stored in the file and verified on every
+load, so a file whose bytes changed after writing is reported as damaged
+rather than used.
 
 The published RGB method (``rgb-embedding``) has no plain-array state of its
 own (its fitted reducers are openTSNE and UMAP objects), so checkpoints store
@@ -34,9 +37,9 @@ predictions) can therefore differ slightly after reloading.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -45,7 +48,10 @@ import numpy as np
 from .errors import CheckpointError, OmicsInputError
 
 FORMAT = "napari-omicsimage-checkpoint"
-FORMAT_VERSION = 1
+#: 2 added the SHA-256 of the content (version-1 files still load, with a warning)
+FORMAT_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -64,13 +70,15 @@ def _to_tensor(array):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def save_checkpoint(trained, path) -> Path:
-    """Write ``trained`` (a :class:`~napari_omicsimage.training.TrainedModel`) to ``path`` atomically."""
-    import torch
+def save_checkpoint(trained, path, *, overwrite: bool = False, inputs=()) -> Path:
+    """Write ``trained`` (a :class:`~napari_omicsimage.training.TrainedModel`) to ``path`` atomically.
 
-    path = Path(path)
-    if path.is_dir():
-        raise OmicsInputError(f"{path} is a folder; give a file name for the checkpoint, e.g. {path / 'model.pt'}.")
+    An existing ``path`` is replaced only with ``overwrite=True``, and only if
+    napari-omicsimage wrote it (see :mod:`napari_omicsimage.outputs`).
+    """
+    if not trained.history:
+        raise OmicsInputError("this model finished no training epoch (cancelled before the first one), so "
+                              "there is nothing to save; train again and let at least one epoch finish.")
     try:
         layout_meta, layout_arrays = layout_state(trained.layout)
     except OmicsInputError as exc:
@@ -92,8 +100,6 @@ def save_checkpoint(trained, path) -> Path:
         "versions": package_versions(),
     }
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "meta": json.dumps(meta),
         "state_dict": {k: v.detach().cpu().clone() for k, v in trained.model.state_dict().items()},
         "layout_arrays": {k: _to_tensor(v) for k, v in layout_arrays.items()},
@@ -103,58 +109,151 @@ def save_checkpoint(trained, path) -> Path:
             trained.fill_values if trained.fill_values is not None else np.zeros(len(meta["genes"])),
             dtype=np.float32)),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
+    write_payload(payload, path, format=FORMAT, overwrite=overwrite, inputs=inputs)
+    trained.versions = meta["versions"]
+    return Path(path)
+
+
+# ============================================================ the file format
+def content_digest(payload: dict) -> str:
+    """SHA-256 over every value of ``payload`` but its own ``sha256`` entry, in a fixed order.
+
+    Tensors contribute their dtype, shape and bytes, so any changed weight,
+    layout entry or metadata character changes the digest.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(key: str, value) -> None:
+        digest.update(key.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict:{len(value)}\0".encode())
+            for k in sorted(value, key=str):
+                feed(f"{key}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"list:{len(value)}\0".encode())
+            for i, item in enumerate(value):
+                feed(f"{key}[{i}]", item)
+        else:
+            digest.update(f"{type(value).__name__}:{value!r}\0".encode())
+
+    for key in sorted(k for k in payload if k != "sha256"):
+        feed(key, payload[key])
+    return digest.hexdigest()
+
+
+def write_payload(payload: dict, path, *, format: str, version: int = FORMAT_VERSION, overwrite: bool = False,
+                  inputs=()) -> Path:
+    """Save ``payload`` (tensors, plain values, dicts/lists of them) as a verified checkpoint file.
+
+    Adds ``format``, ``format_version`` and the SHA-256 of the content; written
+    through :func:`napari_omicsimage.outputs.write_output_file` (atomic, and
+    never over a file this tool did not write).  Every checkpoint of the
+    package (classifiers, histology models) is written here.
+    """
+    import torch
+
+    from .outputs import write_output_file
+
+    body = {**payload, "format": format, "format_version": int(version)}
+    body["sha256"] = content_digest(body)
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:
+            torch.save(body, stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    trained.versions = meta["versions"]
-    return path
+
+    return write_output_file(path, fill, overwrite=overwrite, inputs=inputs)
 
 
-def _read(path: Path) -> dict:
+def is_checkpoint_file(path) -> bool:
+    """Whether ``path`` is a file written by :func:`write_payload` (of any napari-omicsimage format)."""
+    try:
+        read_payload(path, format=None, max_version=10**6)
+    except (OmicsInputError, OSError):
+        return False
+    return True
+
+
+#: words in torch's weights_only refusal of a pickle that names code (a global) rather than data
+_CODE_MARKERS = ("Unsupported global", "GLOBAL", "is not an allowed")
+
+
+def load_plain_data(path, *, what: str, fix: str, only: str):
+    """``torch.load(path, weights_only=True)`` with each failure as one clear :class:`CheckpointError`.
+
+    ``what`` names the file ("checkpoint", "weights file"), ``fix`` says how to
+    get a good one, ``only`` which files to trust.  A pickle that names code is
+    refused without running it; a file whose bytes are merely broken is called
+    damaged.
+    """
     import pickle
     import zipfile
 
     import torch
 
+    path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path.")
+        raise CheckpointError(f"{path}: no such {what}; check the path.")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file.")
+        raise CheckpointError(f"{path} is a folder, not a {what}.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not any(marker in str(exc) for marker in _CODE_MARKERS):
+            raise CheckpointError(f"{path} is damaged or not a PyTorch file (its data cannot be read as a "
+                                  f"{what}); {fix}.") from None
         # weights_only refuses anything but tensors and plain containers; that is the point
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain values, which could run code when loaded; "
-            "refusing to load it. Only load checkpoints written by napari-omicsimage (save_checkpoint / "
-            "omicsimage train)."
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
-        raise CheckpointError(
-            f"{path} is corrupted, truncated or not a PyTorch file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); write it again with "
-            "omicsimage train."
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is a PyTorch file but not a napari-omicsimage checkpoint (a plain state dict or another "
-            "program's file?); use a file written by omicsimage train / save_checkpoint."
-        )
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, which could run code "
+                              f"when loaded; refusing to load it. {only}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
+            UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else "unreadable"
+        raise CheckpointError(f"{path} is damaged, truncated or not a PyTorch file ({type(exc).__name__}: "
+                              f"{first}); {fix}.") from None
+
+
+def read_payload(path, *, format: str | None, max_version: int = FORMAT_VERSION,
+                 what: str = "checkpoint", writer: str = "omicsimage train") -> dict:
+    """Load a checkpoint safely (``weights_only``) and verify its SHA-256.
+
+    ``format=None`` accepts any napari-omicsimage format (used to recognise
+    our own files).  Raises :class:`~napari_omicsimage.errors.CheckpointError`
+    for a missing, damaged, truncated, foreign, unsafe or too new file.
+    """
+    path = Path(path)
+    payload = load_plain_data(path, what=f"{what} file", fix=f"write it again with {writer}",
+                              only=f"Only load {what}s written by napari-omicsimage ({writer}).")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    ours = isinstance(found, str) and found.startswith("napari-omicsimage")
+    if not ours or (format is not None and found != format):
+        kind = f"a {found} file" if ours else "a plain state dict or another program's file?"
+        raise CheckpointError(f"{path} is a PyTorch file but not a napari-omicsimage {what} ({kind}); use a "
+                              f"file written by {writer}.")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > max_version:
         raise CheckpointError(
-            f"{path} has checkpoint format version {version!r}; this napari-omicsimage reads up to "
-            f"{FORMAT_VERSION}. Upgrade napari-omicsimage."
+            f"{path} has {what} format version {version!r}; this napari-omicsimage reads up to "
+            f"{max_version}. Upgrade napari-omicsimage."
         )
+    stored = payload.get("sha256")
+    if stored is None:
+        if version >= 2:
+            raise CheckpointError(f"{path} has lost its SHA-256 entry, so it is damaged; write it again with "
+                                  f"{writer}.")
+        log.warning("%s was written before checkpoints carried a SHA-256; its content cannot be verified", path)
+    elif stored != content_digest(payload):
+        raise CheckpointError(f"{path} is damaged: its content no longer matches the SHA-256 stored when it was "
+                              f"written (bytes changed after writing); write it again with {writer}.")
     return payload
 
 
@@ -170,7 +269,7 @@ def load_checkpoint(path, device=None):
     from .training import TrainConfig, TrainedModel
 
     path = Path(path)
-    payload = _read(path)
+    payload = read_payload(path, format=FORMAT)
     try:
         meta = json.loads(payload["meta"])
         state_dict = payload["state_dict"]

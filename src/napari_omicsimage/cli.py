@@ -18,6 +18,9 @@ from .preprocess import PreprocessConfig
 
 log = logging.getLogger("napari_omicsimage")
 
+OVERWRITE_HELP = ("replace what an earlier omicsimage run wrote at --out (only the files it wrote; nothing "
+                  "else there is touched)")
+
 
 # ------------------------------------------------------------ shared options
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,19 +114,29 @@ def load_input(args, *, require_labels: bool = True):
     return adata, label_column
 
 
+def command_inputs(args) -> list:
+    """The files a command reads (data, labels, model): ``--out`` may never be or contain one."""
+    return [getattr(args, name) for name in ("input", "labels", "model_file") if getattr(args, name, None)]
+
+
+def check_out(args, kind: str) -> Path:
+    """Check ``--out`` before any work (see :func:`napari_omicsimage.outputs.check_output`)."""
+    from .outputs import check_output
+
+    return check_output(args.out, kind=kind, inputs=command_inputs(args), overwrite=args.overwrite)
+
+
 # ------------------------------------------------------------------ render
 def cmd_render(args) -> int:
     from .pipeline import imagify, write_render_outputs
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OmicsInputError(f"{out} already exists; choose another --out or pass --overwrite.")
+    out = check_out(args, "dir")
     adata, label_column = load_input(args, require_labels=False)
     spec = layout_spec(args)
     method, size = spec.pop("method"), spec.pop("size")
     result = imagify(adata, method, size=size, label_column=label_column,
                      preprocess=preprocess_config(args), layout_params=spec)
-    write_render_outputs(result, out, overwrite=args.overwrite)
+    write_render_outputs(result, out, overwrite=args.overwrite, inputs=command_inputs(args))
     for note in result.notes:
         print(note)
     print(f"wrote {result.images.shape[0]} images of shape {result.images.shape[1:]} to {out}")
@@ -140,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_arguments(render)
     add_layout_arguments(render)
     render.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    render.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    render.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     render.set_defaults(func=cmd_render)
 
     _register_extra_commands(sub)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -25,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +119,15 @@ def run_demo(*, epochs: int = DEMO_EPOCHS, device: str = "auto", say: Callable[[
 
 # ================================================================== files
 def write_demo_outputs(result: DemoResult, out_dir, *, overwrite: bool = False) -> Path:
-    """Images, model, saliency, gene tables, predictions and PNG figures, written atomically."""
+    """Images, model, saliency, gene tables, predictions and PNG figures, written atomically
+    (through :func:`napari_omicsimage.outputs.write_output_dir`)."""
     from .checkpoint import save_checkpoint
     from .layouts import save_layout
+    from .outputs import write_output_dir
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
     imageset = result.imageset
-    try:
+
+    def fill(tmp: Path) -> None:
         np.save(tmp / "images.npy", imageset.images.astype(np.float32))
         np.save(tmp / "saliency.npy", imageset.saliency.per_sample.astype(np.float32))
         save_checkpoint(result.trained, tmp / "model.pt")
@@ -161,13 +154,8 @@ def write_demo_outputs(result: DemoResult, out_dir, *, overwrite: bool = False) 
         plot_sample_images(imageset, tmp / "sample_images.png")
         plot_saliency(imageset, result.class_tables, tmp / "saliency.png")
         plot_density(imageset, tmp / "density.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_output_dir(out_dir, fill, overwrite=overwrite)
 
 
 def _figure(width: float, height: float):

@@ -12,3 +12,7 @@ class OmicsInputError(ValueError):
 
 class CheckpointError(OmicsInputError):
     """A model checkpoint that is corrupted, truncated, foreign or incompatible."""
+
+
+class TrainingCancelled(OmicsInputError):
+    """A run cancelled before anything usable finished (no epoch, no fold): there is no result to use."""

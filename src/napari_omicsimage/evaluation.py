@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
+from .errors import OmicsInputError, TrainingCancelled
 from .io import check_labels
 from .models import resolve_device
 from .preprocess import Preprocessor
@@ -289,7 +286,7 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
             break
 
     if not fold_rows:
-        raise OmicsInputError("cross-validation was cancelled before any fold finished; nothing to report.")
+        raise TrainingCancelled("cross-validation was cancelled before any fold finished; nothing to report.")
     mean, sd = _summary(fold_rows)
     metrics = {"folds": fold_rows, "mean": mean, "sd": sd, "classes": classes, "n_samples": len(y),
                "class_counts": {c: int((labels == c).sum()) for c in classes},
@@ -353,23 +350,18 @@ def _plain(value):
 
 
 # ==================================================================== report
-def write_report(result: CVResult, out_dir, *, overwrite: bool = False) -> Path:
+def write_report(result: CVResult, out_dir, *, overwrite: bool = False, inputs=()) -> Path:
     """Write ``metrics.json``, ``metrics.csv``, ``predictions.csv`` and the PNG plots.
 
     Plots: ``loss_curves.png`` (training loss per fold), ``confusion_matrix.png``
     (mean over folds, CNN and baseline) and ``roc_curves.png`` (one-vs-rest,
-    out-of-fold).  The folder is built under a temporary name and renamed at
-    the end; an existing folder is only replaced with ``overwrite=True``.
+    out-of-fold).  Written through :func:`napari_omicsimage.outputs.write_output_dir`
+    (atomic; ``overwrite=True`` replaces only what an earlier run wrote).
     """
     from . import reports
+    from .outputs import write_output_dir
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    def fill(tmp: Path) -> None:
         payload = _plain({**result.metrics,
                           "confusion_matrices": [c.tolist() for c in result.confusion_matrices],
                           "mean_confusion_matrix": result.mean_confusion.tolist(),
@@ -380,10 +372,5 @@ def write_report(result: CVResult, out_dir, *, overwrite: bool = False) -> Path:
         reports.plot_loss_curves(result, tmp / "loss_curves.png")
         reports.plot_confusion_matrix(result, tmp / "confusion_matrix.png")
         reports.plot_roc_curves(result, tmp / "roc_curves.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_output_dir(out_dir, fill, overwrite=overwrite, inputs=inputs)

@@ -126,15 +126,12 @@ def _imagenet_state_dict(name: str) -> dict:
 def _local_state_dict(path: Path, name: str) -> dict:
     import torch
 
-    if not path.is_file():
+    from .checkpoint import load_plain_data
+
+    if not path.exists():
         raise OmicsInputError(f"weights file {path} does not exist; give the path of a .pth file.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise OmicsInputError(
-            f"{path} is not a readable PyTorch weights file ({type(exc).__name__}: {exc}); give the "
-            f"torchvision ImageNet state dict of {name}."
-        ) from exc
+    obj = load_plain_data(path, what="weights file", fix=f"give the torchvision ImageNet state dict of {name}",
+                          only=f"Use the .pth file torchvision publishes for {name}.")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):  # common wrappers of training scripts
             if isinstance(obj.get(key), dict):

@@ -7,9 +7,6 @@ the same thing with the same defaults.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +14,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
 from .io import check_labels
 from .layouts import Layout, make_layout, save_layout
+from .outputs import write_output_dir
 from .preprocess import PreprocessConfig, Preprocessor
 
 
@@ -81,20 +78,15 @@ def imagify(
     return Imagified(images, adata.obs_names.copy(), labels, layout, preprocessor, x, notes)
 
 
-def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False,
+                         inputs=()) -> Path:
     """Write ``images.npy``, ``samples.csv``, the fitted layout and ``pixel_genes.csv``.
 
-    The folder is written under a temporary name and moved into place at the
-    end, so an interrupted run never leaves a half-written result, and an
-    existing folder is only replaced with ``overwrite=True``.
+    Through :func:`napari_omicsimage.outputs.write_output_dir`: built under a
+    temporary name and moved into place at the end, and with ``overwrite=True``
+    only the files an earlier run of this tool wrote there are replaced.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OmicsInputError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
+    def fill(tmp: Path) -> None:
         np.save(tmp / "images.npy", result.images.astype(np.float32, copy=False))
         frame = pd.DataFrame({"sample": result.samples})
         frame["label"] = result.labels.to_numpy() if result.labels is not None else ""
@@ -110,10 +102,5 @@ def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: b
             {"method": layout.method, "description": layout.describe(),
              "has_gene_map": layout.has_gene_map, "shape": list(result.images.shape),
              "genes": [str(g) for g in result.genes], "notes": result.notes}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_output_dir(out_dir, fill, overwrite=overwrite, inputs=inputs)

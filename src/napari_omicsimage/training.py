@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError
+from .errors import OmicsInputError, TrainingCancelled
 from .io import check_labels
 from .layouts import Layout, make_layout
 from .models import MAX_MISSING_FRACTION, align_genes, build_model, resolve_device
@@ -463,6 +463,10 @@ def train(adata: ad.AnnData, label_column: str, layout_spec: dict, config: Train
                else ImageBatches(device, images=train_images))
     model, history, cancelled = fit_network(batches, y, len(classes), layout.n_channels, config,
                                             progress=progress)
+    if cancelled and not history:
+        # the network is still its random initialisation: returning it would let it predict and be saved
+        raise TrainingCancelled("training was cancelled before its first epoch finished, so there is no model "
+                                "to predict with or save; train again and let at least one epoch finish.")
     trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes,
                            config=config, history=history, cancelled=cancelled, label_column=label_column,
                            layout_spec=dict(layout_spec), fill_values=x.mean(axis=0).astype(np.float32))

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import OmicsInputError
+from ..errors import OmicsInputError, TrainingCancelled
 from ._common import (
     BackgroundTask,
     Relay,
@@ -192,9 +192,10 @@ class TrainWidget(QWidget):
                     raise
                 if cv.cancelled or cancel.is_set():
                     return None, cv
-            trained = train(adata, label_column, spec, config, progress=progress("final"))
-            if trained.cancelled and not trained.history:
-                raise _Cancelled("cancelled before the first epoch finished")
+            try:
+                trained = train(adata, label_column, spec, config, progress=progress("final"))
+            except TrainingCancelled:
+                raise _Cancelled("cancelled before the first epoch finished") from None
             return trained, cv
 
         self._cancel.clear()
@@ -364,7 +365,7 @@ class TrainWidget(QWidget):
 
         try:
             trained = self.session.require_model()
-            saved = save_checkpoint(trained, path)
+            saved = save_checkpoint(trained, path, overwrite=True)  # the save dialog asked already
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return None
