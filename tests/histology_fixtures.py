@@ -24,9 +24,11 @@ def make_st_section(folder: Path, seed: int, *, grid: int = GRID, n_noise_genes:
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    side = STEP_PX * (grid + 1)
-    image = np.full((side, side, 3), (235, 180, 215), dtype=np.uint8)  # eosin pink
-    image += rng.integers(0, 12, size=image.shape, dtype=np.uint8)
+    side = STEP_PX * (grid + 3)  # glass around the tissue, as on a real slide
+    image = np.full((side, side, 3), 245, dtype=np.uint8)
+    tissue = slice(STEP_PX // 2, STEP_PX * grid + STEP_PX // 2)
+    image[tissue, tissue] = (235, 180, 215)  # eosin pink
+    image += rng.integers(0, 10, size=image.shape, dtype=np.uint8)
     rows, counts = [], []
     for ix in range(1, grid + 1):
         for iy in range(1, grid + 1):

@@ -119,7 +119,7 @@ def cmd_evaluate(args) -> int:
     config = _config(args)
     out = None
     if args.out:
-        from ._files import check_output
+        from ..outputs import check_output
 
         out = Path(args.out)
     sections = _read_sections(args, args.sections)
@@ -131,15 +131,16 @@ def cmd_evaluate(args) -> int:
     print(result.format_table(args.best))
     print(f"\n{time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())})")
     if out is not None:
-        from ._files import write_output_file
+        from ..outputs import write_output_file
 
-        write_output_file(out, lambda tmp: result.per_gene.to_csv(tmp, index=False), overwrite=args.overwrite)
+        write_output_file(out, lambda tmp: result.per_gene.to_csv(tmp, index=False), overwrite=args.overwrite,
+                          inputs=_inputs(sections))
         print(f"wrote per-gene results to {out}")
     return 0
 
 
 def cmd_fit(args) -> int:
-    from ._files import check_output
+    from ..outputs import check_output
     from .models import fit, save_model
 
     config = _config(args)
@@ -148,7 +149,7 @@ def cmd_fit(args) -> int:
     sections = _read_sections(args, args.sections)
     check_output(out, kind="file", inputs=_inputs(sections), overwrite=args.overwrite)
     model = fit(sections, config, progress=_Progress(args.verbose))
-    save_model(model, out, overwrite=args.overwrite)
+    save_model(model, out, overwrite=args.overwrite, inputs=_inputs(sections))
     for note in model.notes:
         print(f"note: {note}")
     print(f"fitted on {model.n_train_spots} spots of {', '.join(model.train_sections)}: {len(model.genes)} genes "
@@ -157,7 +158,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from ._files import check_output, write_output_file
+    from ..outputs import check_output, write_output_file
     from .models import load_model
 
     out = Path(args.out)
@@ -167,7 +168,8 @@ def cmd_predict(args) -> int:
     check_output(out, kind="file", inputs=_inputs([section]) + [Path(args.model)], overwrite=args.overwrite)
     predictions = model.predict(section, progress=_Progress(args.verbose),
                                 extractor=model.extractor(device=args.device))
-    write_output_file(out, lambda tmp: predictions.write_h5ad(tmp), overwrite=args.overwrite)
+    write_output_file(out, lambda tmp: predictions.write_h5ad(tmp), overwrite=args.overwrite,
+                      inputs=_inputs([section]) + [Path(args.model)])
     print(f"predicted {predictions.n_vars} genes for {predictions.n_obs} {section.kind} of {section.name} "
           f"({model.config.feature_description}); values: {model.scale}; wrote {out}")
     return 0

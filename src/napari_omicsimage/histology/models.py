@@ -308,7 +308,6 @@ def _tensor(array):
 def model_payload(model: HistologyModel) -> dict:
     scale, reduce, ridge = (model.pipeline.named_steps[k] for k in ("scale", "reduce", "ridge"))
     meta = {
-        "format_version": FORMAT_VERSION,
         "config": asdict(model.config),
         "genes": list(model.genes),
         "feature_names": list(model.feature_names),
@@ -330,24 +329,26 @@ def model_payload(model: HistologyModel) -> dict:
     }
 
 
-def save_model(model: HistologyModel, path, *, overwrite: bool = False):
-    from ._files import write_payload
+def save_model(model: HistologyModel, path, *, overwrite: bool = False, inputs=()):
+    """Write the model as one verified checkpoint (atomic; never over a file this tool did not write)."""
+    from ..checkpoint import write_payload
 
-    return write_payload(model_payload(model), path, format=FORMAT, overwrite=overwrite)
+    return write_payload(model_payload(model), path, format=FORMAT, version=FORMAT_VERSION, overwrite=overwrite,
+                         inputs=inputs)
 
 
 def load_model(path) -> HistologyModel:
     """A model written by :func:`save_model`; the pipeline is rebuilt from the stored arrays."""
-    from ._files import read_payload
+    import torch
 
-    payload = read_payload(path, format=FORMAT)
+    from ..checkpoint import read_payload
+
+    payload = read_payload(path, format=FORMAT, max_version=FORMAT_VERSION, what="histology model",
+                           writer="omicsimage histology fit")
     try:
         meta = json.loads(payload["meta"])
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: histology model format {meta.get('format_version')} is not "
-                                  f"supported (this version reads {FORMAT_VERSION}).")
         config = HistologyConfig(**meta["config"])
-        arrays = {k: v.numpy() for k, v in payload.items() if k != "meta"}
+        arrays = {k: v.numpy() for k, v in payload.items() if isinstance(v, torch.Tensor)}
         n_features = len(meta["feature_names"])
         pipeline = make_pipeline(n_features, arrays["pca_components"].shape[0] + 1, len(meta["genes"]), config)
         scale, reduce, ridge = (pipeline.named_steps[k] for k in ("scale", "reduce", "ridge"))
