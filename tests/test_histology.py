@@ -20,8 +20,17 @@ from napari_omicsimage.histology import (
     save_model,
 )
 from napari_omicsimage.histology.evaluation import pearson_per_gene
-from napari_omicsimage.histology.features import FeatureExtractor, build_backbone, parse_features
-from napari_omicsimage.histology.tiles import iter_patches, shannon_entropy, shannon_select, tile_grid
+from napari_omicsimage.histology.features import (
+    FeatureExtractor,
+    build_backbone,
+    parse_features,
+)
+from napari_omicsimage.histology.tiles import (
+    iter_patches,
+    shannon_entropy,
+    shannon_select,
+    tile_grid,
+)
 
 WEIGHT_FREE = HistologyConfig(features="handcrafted+fourier", weights=None, device="cpu")
 

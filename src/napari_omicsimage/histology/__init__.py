@@ -15,7 +15,14 @@ The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
 
 from .evaluation import HistologyEvaluation, leave_one_section_out
 from .features import FeatureExtractor
-from .models import EXPRESSION_SCALE, HistologyConfig, HistologyModel, fit, load_model, save_model
+from .models import (
+           EXPRESSION_SCALE,
+           HistologyConfig,
+           HistologyModel,
+           fit,
+           load_model,
+           save_model,
+)
 from .reading import Scale, Section, read_section
 from .slide import Slide, open_slide
 

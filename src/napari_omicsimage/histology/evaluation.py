@@ -81,7 +81,7 @@ class HistologyEvaluation:
         lines += ["", f"{'method':>16} {'mean r':>8} {'median r':>9} {'MSE':>8}"]
         for method, row in summary.iterrows():
             lines.append(f"{method:>16} {_fmt(row['mean_r']):>8} {_fmt(row['median_r']):>9} {row['mse']:>8.4f}")
-        lines += ["", f"best-predicted genes (model, mean r over the folds they were targets in):"]
+        lines += ["", "best-predicted genes (model, mean r over the folds they were targets in):"]
         best = self.best_genes("model", n_best)
         lines += [f"  {gene:<12} r = {row['mean_r']:.3f} ({int(row['n_folds'])} folds)" for gene, row in best.iterrows()]
         if self.notes:

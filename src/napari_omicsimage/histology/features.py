@@ -142,7 +142,7 @@ def fourier_names() -> list[str]:
 
 
 def _ring_means(images: np.ndarray) -> np.ndarray:
-    n, side = images.shape[0], images.shape[1]
+    side = images.shape[1]
     window = np.outer(np.hanning(side), np.hanning(side))
     centred = (images - images.mean(axis=(1, 2), keepdims=True)) * window
     magnitude = np.log1p(np.abs(np.fft.fftshift(np.fft.fft2(centred), axes=(1, 2))))
@@ -281,7 +281,12 @@ class FeatureExtractor:
 
     def section_features(self, section, *, patch_um: float, progress=None, label: str = "") -> PatchFeatures:
         """Features of every spot of ``section`` (patches of ``patch_um`` µm), batch by batch."""
-        from .tiles import DEFAULT_PATCH_PX, iter_patches, patch_side_px, shannon_entropy
+        from .tiles import (
+            DEFAULT_PATCH_PX,
+            iter_patches,
+            patch_side_px,
+            shannon_entropy,
+        )
 
         side = patch_side_px(patch_um, section.um_per_px)
         n = section.n_spots

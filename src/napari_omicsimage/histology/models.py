@@ -248,7 +248,7 @@ def fit(sections: list[Section], config: HistologyConfig | None = None, *, progr
         progress(ProgressEvent("done", metrics={"spots": float(len(x)), "genes": float(len(genes))}))
     return HistologyModel(config=config, genes=genes, pipeline=pipeline,
                           feature_names=list(features[sections[0].name].names),
-                          train_sections=[s.name for s in sections], n_train_spots=int(len(x)),
+                          train_sections=[s.name for s in sections], n_train_spots=len(x),
                           train_mean=y.mean(axis=0).astype(np.float32), notes=notes,
                           versions=_versions())
 
