@@ -14,16 +14,19 @@ Variants (all PCA + ridge as HEST unless said):
 ``handcrafted+fourier α=100``  a stronger ridge penalty than HEST's rule
 ``... incremental-pca``   the dual-modality paper's reducer
 ``... Shannon top 75 %``  ISG's selection of training spots
-``random resnet50``       ResNet-50 features with random initialisation: what
-                          pretrained ResNet-50 features (HEST: 0.326 on its
-                          tasks) must be compared with; no ImageNet weights
-                          can be downloaded here
+``random BACKBONE``       features of a randomly initialised backbone
+                          (``--random-backbone``, default resnet18; resnet50 is
+                          what pretrained ResNet-50 features, HEST's 0.326 on
+                          its tasks, must be compared with, but takes ~17 min
+                          more on 2 busy cores); no ImageNet weights can be
+                          downloaded here
 ``training mean``         the constant predictor (r undefined; MSE only)
 
 Usage::
 
-    python benchmarks/histology.py                       # ~15 min on 2 busy cores
-    python benchmarks/histology.py --no-random-backbone  # weight-free variants only (~2 min)
+    python benchmarks/histology.py                       # weight-free variants + random ResNet-18
+    python benchmarks/histology.py --random-backbone resnet50   # as in docs/benchmarks.md (23 min here)
+    python benchmarks/histology.py --random-backbone none       # weight-free variants only (~6 min)
     python benchmarks/histology.py --weights /path/resnet50-11ad3fa6.pth   # adds pretrained ResNet-50
 
 Writes ``benchmarks/results/histology_folds.csv`` (one row per fold and
@@ -50,7 +53,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding the section folders")
     parser.add_argument("--sections", default="C2,C3,C4,C5,C6")
-    parser.add_argument("--no-random-backbone", action="store_true", help="skip the random ResNet-50 baseline")
+    parser.add_argument("--random-backbone", default="resnet18",
+                        help="backbone run with random initialisation as a baseline (resnet18, resnet50, ...; none)")
     parser.add_argument("--weights", default=None, help="a torchvision ResNet-50 weights file: adds that variant")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-save", action="store_true")
@@ -59,7 +63,11 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from napari_omicsimage.histology import HistologyConfig, leave_one_section_out, read_section
+    from napari_omicsimage.histology import (
+        HistologyConfig,
+        leave_one_section_out,
+        read_section,
+    )
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
@@ -76,10 +84,11 @@ def main(argv=None) -> int:
         ("handcrafted+fourier incremental-pca", replace(base, reducer="incremental-pca")),
         ("handcrafted+fourier Shannon top 75 %", replace(base, keep_fraction=0.75)),
     ]
-    if not args.no_random_backbone:
-        variants.append(("random resnet50", replace(base, features="resnet50", weights="random")))
-        variants.append(("random resnet50+fourier incremental-pca",
-                         replace(base, features="resnet50+fourier", weights="random", reducer="incremental-pca")))
+    backbone = args.random_backbone
+    if backbone != "none":
+        variants.append((f"random {backbone}", replace(base, features=backbone, weights="random")))
+        variants.append((f"random {backbone}+fourier incremental-pca",
+                         replace(base, features=f"{backbone}+fourier", weights="random", reducer="incremental-pca")))
     if args.weights:
         variants.append(("resnet50 (given weights)", replace(base, features="resnet50", weights=args.weights)))
     cache: dict = {}
@@ -119,8 +128,8 @@ def main(argv=None) -> int:
     print(f"\nreading {read_seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        folds.to_csv(RESULTS / "histology_folds.csv", index=False)
-        genes.to_csv(RESULTS / "histology_genes.csv", index=False)
+        folds.to_csv(RESULTS / f"histology_folds_{backbone}.csv", index=False)
+        genes.to_csv(RESULTS / f"histology_genes_{backbone}.csv", index=False)
     return 0
 
 
@@ -128,7 +137,7 @@ def _joint_features(cache, sections, config) -> None:
     """Put ``a+b`` features into the cache by joining the cached ``a`` and ``b`` (same patches, same order)."""
     import numpy as np
 
-    from napari_omicsimage.histology.features import FeatureExtractor, PatchFeatures
+    from napari_omicsimage.histology.features import HANDCRAFTED, FeatureExtractor, PatchFeatures
 
     parts = config.features.split("+")
     for section in sections:
@@ -137,7 +146,7 @@ def _joint_features(cache, sections, config) -> None:
             continue
         blocks = []
         for part in parts:
-            weights = config.weights if part == "resnet50" else None
+            weights = None if part in HANDCRAFTED else config.weights
             part_key = ((part, weights), section.name)
             if part_key not in cache:
                 extractor = FeatureExtractor(part, weights, device=config.device, batch_size=config.batch_size)

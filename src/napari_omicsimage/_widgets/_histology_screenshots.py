@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     best = predictions.var_names[int(np.nanargmax(r))]
     widget.gene_combo.setCurrentText(best)
     _settle(app, 1.0)
-    viewer.reset_view()
+    widget.fit_view()
 
     # hover the spot with the highest predicted value of that gene
     layer = widget._layers["predicted"]
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         widget._layers[key].visible = False
     widget._layers["shannon"].visible = True
     widget._layers["spots"].visible = True
-    viewer.reset_view()
+    widget.fit_view()
     save("histology_shannon.png")
     print(f"best gene {best}: r = {np.nanmax(r):.3f}; tooltip: {viewer.tooltip.text!r}")
     viewer.close()

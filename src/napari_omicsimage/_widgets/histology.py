@@ -79,6 +79,8 @@ class HistologyWidget(QWidget):
                                        "weights (downloaded, or a local file) or 'random' as a baseline")
         self.weights_edit = QLineEdit("imagenet")
         self.weights_edit.setToolTip("imagenet, random (baseline, labelled so), or the path of a torchvision .pth")
+        self.features_combo.currentTextChanged.connect(self._weights_apply)
+        self._weights_apply(self.features_combo.currentText())
         self.genes_spin = QSpinBox()
         self.genes_spin.setRange(1, 2000)
         self.genes_spin.setValue(50)
@@ -147,6 +149,12 @@ class HistologyWidget(QWidget):
                                weights=self.weights_edit.text().strip() or "imagenet",
                                n_genes=self.genes_spin.value(), keep_fraction=None if keep >= 1 else keep,
                                device=self.device_combo.currentText()).validate()
+
+    def _weights_apply(self, spec: str) -> None:
+        """Weights matter only for CNN backbones: the box is off for the weight-free feature sets."""
+        from ..histology.features import BACKBONES
+
+        self.weights_edit.setEnabled(any(part.strip() in BACKBONES for part in spec.split("+")))
 
     def train_paths(self) -> list[str]:
         return [line.strip() for line in self.train_edit.toPlainText().splitlines() if line.strip()]
@@ -231,8 +239,11 @@ class HistologyWidget(QWidget):
     def _on_event(self, value) -> None:
         what, event = value
         if event.stage == "features" and event.n_batches:
-            self.progress.setValue(int(self.progress.maximum() * (event.batch + 1) / event.n_batches))
-            self.status.setText(f"{what}: patch features, batch {event.batch + 1}/{event.n_batches}")
+            section, n_sections = int(event.metrics.get("section", 0)), int(event.metrics.get("n_sections", 1))
+            done = (section + (event.batch + 1) / event.n_batches) / max(n_sections, 1)
+            self.progress.setValue(int(self.progress.maximum() * done))
+            self.status.setText(f"{what}: patch features of section {section + 1}/{n_sections}, "
+                                f"batch {event.batch + 1}/{event.n_batches}")
 
     def _failed(self, exc) -> None:
         if isinstance(exc, _Cancelled):
@@ -271,7 +282,7 @@ class HistologyWidget(QWidget):
         self.gene_combo.addItems(list(predictions.var_names))
         self.gene_combo.blockSignals(False)
         self.show_gene(predictions.var_names[0])
-        self.viewer.reset_view()
+        self.fit_view()
         notes = [(f"{predictions.n_obs} {section.kind} of {section.name}, {predictions.n_vars} genes; "
                   f"features: {self.model.config.feature_description}"),
                  f"values: {self.model.scale}", selection.describe()]
@@ -279,6 +290,24 @@ class HistologyWidget(QWidget):
         self.status.setText("done: hover a spot for its top predicted genes")
         self.save_button.setEnabled(True)
         report_info(notes[0])
+
+    def fit_view(self) -> None:
+        """Zoom onto the spots (both copies when the measured one is shown), not the whole glass slide."""
+        from ..histology.layers import measured_offset
+        from ._state import _camera
+
+        if self.section is None:
+            return
+        xy = self.section.centres
+        pad = self.section.spot_diameter_px
+        x0, x1 = xy[:, 0].min() - pad, xy[:, 0].max() + pad
+        y0, y1 = xy[:, 1].min() - pad, xy[:, 1].max() + pad
+        if "slide measured" in self._layers:
+            x1 += measured_offset(self.section)
+        canvas = self.viewer.window._qt_viewer.canvas.native
+        camera = _camera(self.viewer)
+        camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+        camera.zoom = 0.88 * min(canvas.height() / max(y1 - y0, 1), canvas.width() / max(x1 - x0, 1))
 
     def _add(self, key: str, layer_data: tuple) -> None:
         data, kwargs, kind = layer_data

@@ -279,8 +279,14 @@ class FeatureExtractor:
                 blocks.append(backbone_features(self.backbones[part], patches, self.device))
         return np.concatenate(blocks, axis=1).astype(np.float32)
 
-    def section_features(self, section, *, patch_um: float, progress=None, label: str = "") -> PatchFeatures:
-        """Features of every spot of ``section`` (patches of ``patch_um`` µm), batch by batch."""
+    def section_features(self, section, *, patch_um: float, progress=None, label: str = "",
+                         position: tuple[int, int] = (0, 1)) -> PatchFeatures:
+        """Features of every spot of ``section`` (patches of ``patch_um`` µm), batch by batch.
+
+        Progress events (stage ``"features"``) carry ``metrics["section"]`` and
+        ``metrics["n_sections"]`` from ``position`` (this section's index among
+        those being featurised), so a caller can show one bar over all sections.
+        """
         from .tiles import (
             DEFAULT_PATCH_PX,
             iter_patches,
@@ -298,7 +304,8 @@ class FeatureExtractor:
             values[rows] = self.transform_patches(patches)
             entropy[rows] = shannon_entropy(_downsample(patches, SMALL_SIDE))
             event = ProgressEvent("features", batch=b, n_batches=n_batches,
-                                  metrics={"patches": float(rows.stop)})
+                                  metrics={"patches": float(rows.stop), "section": float(position[0]),
+                                           "n_sections": float(position[1])})
             if progress is not None and progress(event) is True:
                 raise FeaturesCancelled(f"feature extraction cancelled{label}")
         return PatchFeatures(values, self.names, entropy, self.description)

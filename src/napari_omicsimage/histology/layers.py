@@ -84,7 +84,7 @@ def expression_layer(section: Section, predictions: ad.AnnData, gene: str, *, me
     return (np.asarray(predictions.obsm["spatial"], dtype=float)[:, ::-1].copy(),
             {"name": f"{what} {gene}", "size": section.spot_diameter_px, "features": features,
              "face_color": gene, "face_colormap": "viridis", "face_contrast_limits": contrast,
-             "border_width": 0, "opacity": 0.85,
+             "border_width": 0, "opacity": 1.0,
              "translate": (0.0, measured_offset(section) if measured else 0.0),
              "metadata": {"omicsimage_histology": {"gene": gene, "what": what}}}, "points")
 
@@ -101,4 +101,4 @@ def shannon_mask_layer(section: Section, keep: np.ndarray, *, patch_um: float, m
         mask[y0:y1, x0:x1] = 1 if kept else 2
     features = pd.DataFrame({"index": [0, 1, 2], "shannon": ["", "kept", "dropped"]})
     return (mask, {"name": "Shannon selection (1 kept, 2 dropped)", "scale": (1 / scale, 1 / scale),
-                   "opacity": 0.45, "features": features}, "labels")
+                   "opacity": 0.6, "features": features}, "labels")

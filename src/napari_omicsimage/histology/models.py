@@ -229,7 +229,8 @@ def fit(sections: list[Section], config: HistologyConfig | None = None, *, progr
             extractor = extractor or FeatureExtractor(config.features, config.weights, device=config.device,
                                                       batch_size=config.batch_size, seed=config.seed)
             features[section.name] = extractor.section_features(
-                section, patch_um=config.patch_um, progress=progress, label=f" ({section.name})")
+                section, patch_um=config.patch_um, progress=progress, label=f" ({section.name})",
+                position=(i, len(sections)))
     expression = [log_normalised(s) for s in sections]
     genes = choose_genes(expression, n_genes=config.n_genes, genes=config.genes, method=config.gene_selection)
     xs, ys, notes = [], [], []
