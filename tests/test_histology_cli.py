@@ -32,6 +32,7 @@ def test_evaluate_prints_the_per_gene_table_with_baselines(st_folders, capsys, t
     assert rc == 0
     assert "held out" in printed and "training mean" in printed and "random resnet18" in printed
     assert "RANDOM initialisation" in printed and "best-predicted genes" in printed
+    assert "Pearson r per gene" in printed and "NUC" in printed.split("Pearson r per gene")[1]
     import pandas as pd
 
     table = pd.read_csv(out)

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
         widget._layers[key].visible = False
     widget._layers["shannon"].visible = True
     widget._layers["spots"].visible = True
+    viewer.layers.selection.active = widget._layers["shannon"]
     widget.fit_view()
     save("histology_shannon.png")
     print(f"best gene {best}: r = {np.nanmax(r):.3f}; tooltip: {viewer.tooltip.text!r}")

@@ -302,7 +302,8 @@ class HistologyWidget(QWidget):
         pad = self.section.spot_diameter_px
         x0, x1 = xy[:, 0].min() - pad, xy[:, 0].max() + pad
         y0, y1 = xy[:, 1].min() - pad, xy[:, 1].max() + pad
-        if "slide measured" in self._layers:
+        measured = self._layers.get("measured")
+        if measured is not None and measured.visible:
             x1 += measured_offset(self.section)
         canvas = self.viewer.window._qt_viewer.canvas.native
         camera = _camera(self.viewer)

@@ -128,7 +128,7 @@ def cmd_evaluate(args) -> int:
     baseline = None if args.random_baseline == "none" else args.random_baseline
     started = time.perf_counter()
     result = leave_one_section_out(sections, config, random_backbone=baseline, progress=_Progress(args.verbose))
-    print(result.format_table(args.best))
+    print(result.format_table(args.best, per_gene=not args.no_per_gene))
     print(f"\n{time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())})")
     if out is not None:
         from ..outputs import write_output_file
@@ -188,6 +188,7 @@ def register(sub) -> None:
                           help="backbone whose randomly initialised features run in the same folds "
                                "(resnet50, resnet18, ...; 'none' to skip)")
     evaluate.add_argument("--best", type=int, default=10, help="best-predicted genes to list")
+    evaluate.add_argument("--no-per-gene", action="store_true", help="leave out the gene × section table")
     evaluate.add_argument("--out", default=None, metavar="CSV", help="also write per-gene results here")
     evaluate.add_argument("--overwrite", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)

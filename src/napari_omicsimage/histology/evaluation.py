@@ -64,7 +64,14 @@ class HistologyEvaluation:
         table = rows.groupby("gene")["pearson"].agg(["mean", "count"]).sort_values("mean", ascending=False)
         return table.head(n).rename(columns={"mean": "mean_r", "count": "n_folds"})
 
-    def format_table(self, n_best: int = 10) -> str:
+    def per_gene_table(self, method: str = "model") -> pd.DataFrame:
+        """Gene × held-out section Pearson r (NaN where the gene was not a target), with the mean, best first."""
+        rows = self.per_gene[self.per_gene["method"] == method]
+        table = rows.pivot(index="gene", columns="held_out", values="pearson")
+        table.insert(0, "mean_r", table.mean(axis=1))
+        return table.sort_values("mean_r", ascending=False)
+
+    def format_table(self, n_best: int = 10, *, per_gene: bool = False) -> str:
         lines = ["leave-one-section-out: Pearson r per gene on the held-out section's spots", ""]
         for key, text in self.methods.items():
             lines.append(f"  {key}: {text}")
@@ -84,6 +91,13 @@ class HistologyEvaluation:
         lines += ["", "best-predicted genes (model, mean r over the folds they were targets in):"]
         best = self.best_genes("model", n_best)
         lines += [f"  {gene:<12} r = {row['mean_r']:.3f} ({int(row['n_folds'])} folds)" for gene, row in best.iterrows()]
+        if per_gene:
+            table = self.per_gene_table("model")
+            lines += ["", "Pearson r per gene (model; blank: not a target in that fold):",
+                      f"{'gene':<12} {'mean':>6} " + " ".join(f"{c:>7}" for c in table.columns[1:])]
+            for gene, row in table.iterrows():
+                cells = " ".join(f"{v:>7.3f}" if np.isfinite(v) else " " * 7 for v in row.to_numpy()[1:])
+                lines.append(f"{gene:<12} {row['mean_r']:>6.3f} {cells}")
         if self.notes:
             lines += [""] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
