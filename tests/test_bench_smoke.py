@@ -79,13 +79,20 @@ def test_fotomics_reference_zeroes_outlier_bins(bench):
     assert np.count_nonzero(coords[:, 0]) > 30
 
 
-@pytest.mark.slow  # two t-SNE fits of each kind: ~10 s on the shared 2-core machine
-def test_tsne_stage_scores_both_layouts(bench, tiny):
-    row = bench.bench_tsne_layout(tiny, size=12, score_genes=100)
-    for key in ("ours_trustworthiness", "reference_trustworthiness"):
-        assert 0.5 < row.details[key] <= 1.0
-    assert row.details["reference_genes"] == 150
-    limited = bench.bench_tsne_layout(tiny, size=12, score_genes=100, sklearn_genes=90)
+#: how far below scikit-learn's t-SNE our layout's trustworthiness may fall on the tiny inputs; measured
+#: differences (ours - sklearn) on three data seeds × two layout seeds: -0.003 … +0.012
+TRUSTWORTHINESS_TOLERANCE = 0.01
+
+
+@pytest.mark.slow  # three t-SNE fits of each kind: ~15 s on the shared 2-core machine
+def test_tsne_stage_preserves_neighbourhoods_at_least_as_well_as_sklearn(bench, tiny):
+    for x in (tiny, bench.make_expression(n_samples=24, n_genes=150, n_modules=8, seed=2)):
+        row = bench.bench_tsne_layout(x, size=12, score_genes=100, repeats=1)
+        ours, reference = row.details["ours_trustworthiness"], row.details["reference_trustworthiness"]
+        assert 0.7 < reference <= 1.0  # the modules are recoverable: scikit-learn finds them
+        assert ours >= reference - TRUSTWORTHINESS_TOLERANCE, (ours, reference)
+        assert row.details["reference_genes"] == 150
+    limited = bench.bench_tsne_layout(tiny, size=12, score_genes=100, sklearn_genes=90, repeats=1)
     assert limited.details["reference_genes"] == 90
     assert "reference: 90" in limited.stage
 

@@ -39,10 +39,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_predict_input_arguments(parser: argparse.ArgumentParser) -> None:
     """INPUT and how to read it; preprocessing comes from the checkpoint."""
+    from .cli import SAMPLE_COLUMN_HELP
+
     parser.add_argument("input", metavar="INPUT", help="expression file, as for `omicsimage render`")
     parser.add_argument("--labels", metavar="FILE", help="optional table of true labels (to score predictions)")
-    parser.add_argument("--label-column", metavar="COL", help="column holding the true labels")
-    parser.add_argument("--sample-column", metavar="COL", help="sample-id column of --labels (default: first)")
+    parser.add_argument("--label-column", metavar="COL",
+                        help="column holding the true labels (in --labels also by position #N, #1 the first)")
+    parser.add_argument("--sample-column", metavar="COL", help=SAMPLE_COLUMN_HELP)
     orient = parser.add_mutually_exclusive_group()
     orient.add_argument("--genes-in-rows", action="store_const", dest="orientation", const="genes-in-rows")
     orient.add_argument("--samples-in-rows", action="store_const", dest="orientation", const="samples-in-rows")

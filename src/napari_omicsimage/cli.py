@@ -7,17 +7,20 @@ overwrites an existing output without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
+# Only light imports here: numpy/pandas/scanpy load inside main(), so Ctrl-C while they load is a
+# one-line "interrupted", not a traceback.
 from .errors import OmicsInputError
-from .io import SAMPLE_DATASETS, load_sample_data, read_expression
-from .layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
-from .preprocess import PreprocessConfig
 
 log = logging.getLogger("napari_omicsimage")
 
+LABEL_COLUMN_HELP = ("column holding the class labels (in --labels, or in the h5ad obs); in --labels also by "
+                     "position: #N is the N-th column of the file (#1 the first), for tables with repeated names")
+SAMPLE_COLUMN_HELP = "sample-id column of --labels, by name or position #N (default: the first column)"
 OVERWRITE_HELP = ("replace what an earlier omicsimage run wrote at --out (only the files it wrote; nothing "
                   "else there is touched)")
 
@@ -25,13 +28,14 @@ OVERWRITE_HELP = ("replace what an earlier omicsimage run wrote at --out (only t
 # ------------------------------------------------------------ shared options
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """INPUT plus the options that say how to read and label it."""
+    from .io import SAMPLE_DATASETS
+
     parser.add_argument("input", metavar="INPUT",
                         help="expression file (.h5ad, .csv/.tsv[.gz], 10x .h5 or matrix.mtx folder), "
                              f"or the name of bundled sample data: {', '.join(SAMPLE_DATASETS)}")
     parser.add_argument("--labels", metavar="FILE", help="table of sample id → label(s), joined on sample id")
-    parser.add_argument("--label-column", metavar="COL",
-                        help="column holding the class labels (in --labels, or in the h5ad obs)")
-    parser.add_argument("--sample-column", metavar="COL", help="sample-id column of --labels (default: first)")
+    parser.add_argument("--label-column", metavar="COL", help=LABEL_COLUMN_HELP)
+    parser.add_argument("--sample-column", metavar="COL", help=SAMPLE_COLUMN_HELP)
     orient = parser.add_mutually_exclusive_group()
     orient.add_argument("--genes-in-rows", action="store_const", dest="orientation",
                         const="genes-in-rows", help="tables: genes are rows, samples are columns")
@@ -50,9 +54,12 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str = "deepinsight") -> None:
+    from .layouts import DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+
     parser.add_argument("--method", choices=METHODS, default=default_method, help="how samples become images")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels (default: 32; grid: smallest square; rgb-embedding: 128)")
+                        help="image side in pixels, at least 2 (default: 32; grid: smallest square; "
+                             "rgb-embedding: 128); sizes whose images would not fit in memory are refused")
     parser.add_argument("--extractor", choices=FEATURE_EXTRACTORS, default=None,
                         help="deepinsight: gene embedding (default tsne)")
     parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=None,
@@ -81,7 +88,9 @@ def layout_spec(args) -> dict:
     return {"method": args.method, "size": args.size, **params}
 
 
-def preprocess_config(args) -> PreprocessConfig:
+def preprocess_config(args):
+    from .preprocess import PreprocessConfig
+
     n_top = None if args.n_top_genes in (None, 0) else args.n_top_genes
     if n_top is not None and n_top < 0:
         raise OmicsInputError("--n-top-genes must be 0 (all genes) or positive.")
@@ -89,7 +98,13 @@ def preprocess_config(args) -> PreprocessConfig:
 
 
 def load_input(args, *, require_labels: bool = True):
-    """Read INPUT (or bundled sample data) and return ``(adata, label_column)``."""
+    """Read INPUT (or bundled sample data) and return ``(adata, label_column)``.
+
+    Prints to stderr what was decided while reading (format, separator, encoding, orientation) and, for
+    commands that preprocess, how the values will be read (counts or log-scale).
+    """
+    from .io import SAMPLE_DATASETS, check_labels, load_sample_data, read_expression, reading_notes
+
     path = Path(args.input)
     if not path.exists() and args.input in SAMPLE_DATASETS:
         adata = load_sample_data(args.input)
@@ -100,17 +115,22 @@ def load_input(args, *, require_labels: bool = True):
         adata = read_expression(path, orientation=args.orientation, labels=args.labels,
                                 label_column=args.label_column, sample_column=args.sample_column)
         label_column = args.label_column
-        if label_column is None and args.labels:
+        if args.labels:  # the labels table's column, with a position (#N) resolved to its name
             label_column = adata.uns["omicsimage"].get("label_column")
     if label_column is None and require_labels:
         raise OmicsInputError("no labels: give --label-column (and --labels FILE if they are in another table).")
     if label_column is not None:
-        from .io import check_labels
-
         check_labels(adata, label_column)
-    note = adata.uns.get("omicsimage", {}).get("orientation")
-    if note:
-        print(f"{Path(args.input).name}: {note}; {adata.n_obs} samples × {adata.n_vars} genes", file=sys.stderr)
+    name = Path(args.input).name
+    notes = reading_notes(adata)
+    for note in notes[:-1]:
+        print(note, file=sys.stderr)
+    if notes:
+        print(f"{name}: {notes[-1]}; {adata.n_obs} samples × {adata.n_vars} genes", file=sys.stderr)
+    if hasattr(args, "log_scale"):  # commands that preprocess (predict uses its checkpoint's choice)
+        from .preprocess import decide_scale
+
+        print(f"{name}: {decide_scale(adata, args.log_scale).describe()}", file=sys.stderr)
     return adata, label_column
 
 
@@ -137,8 +157,13 @@ def cmd_render(args) -> int:
     result = imagify(adata, method, size=size, label_column=label_column,
                      preprocess=preprocess_config(args), layout_params=spec)
     write_render_outputs(result, out, overwrite=args.overwrite, inputs=command_inputs(args))
+    from .io import reading_notes
+    from .preprocess import decide_scale
+
+    printed = {*reading_notes(adata), decide_scale(adata, args.log_scale).describe()}  # by load_input
     for note in result.notes:
-        print(note)
+        if note not in printed:
+            print(note)
     print(f"wrote {result.images.shape[0]} images of shape {result.images.shape[1:]} to {out}")
     return 0
 
@@ -173,18 +198,59 @@ def _register_extra_commands(sub) -> None:
     _cli_histology.register(sub)
 
 
+def _command_name(argv) -> str:
+    """The subcommand, for messages before (or without) parsing."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    return next((w for w in words if not str(w).startswith("-")), "")
+
+
+def _os_error_message(exc: OSError) -> str:
+    """One line for a file-system error: the file, what happened, what to do."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.filename2:
+        where = f"{exc.filename} → {exc.filename2}: "
+    if isinstance(exc, PermissionError):
+        fix = "check the permissions, or choose a place you can write to"
+    elif isinstance(exc, FileNotFoundError):
+        fix = "check the path"
+    elif exc.errno == errno.ENOSPC:
+        fix = "free some disk space or choose another place"
+    else:
+        fix = "check the file and the path"
+    return f"{where}{what}; {fix}."
+
+
+def _prog(command: str) -> str:
+    return f"omicsimage {command}" if command else "omicsimage"
+
+
+def _error(command: str, message: str) -> None:
+    one_line = " ".join(str(message).split())
+    print(f"{_prog(command)}: error: {one_line}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command = _command_name(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
     except OmicsInputError as exc:
-        print(f"omicsimage {args.command}: error: {exc}", file=sys.stderr)
+        _error(command, str(exc))
+        return 2
+    except OSError as exc:  # unreadable input, unwritable output, full disk: the file and the fix, no traceback
+        _error(command, _os_error_message(exc))
+        return 2
+    except MemoryError:
+        _error(command, "ran out of memory; keep fewer genes (--n-top-genes), use a smaller --size, or fewer "
+                        "samples.")
         return 2
     except KeyboardInterrupt:
-        print(f"omicsimage {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(command)}: interrupted", file=sys.stderr)
         return 130
 
 

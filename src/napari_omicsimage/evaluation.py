@@ -241,12 +241,14 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
     for f, (train_idx, test_idx) in enumerate(splits):
         started = time.perf_counter()
         if transductive:
+            train_idx = train_idx[shared_pre.qc_passed_[train_idx]]  # QC (min_genes): left out of training
             x_train, x_test = shared_x[train_idx], shared_x[test_idx]
             layout = shared_layout
             train_images = None if shared_images is None else shared_images[train_idx]
             test_images = None if shared_images is None else shared_images[test_idx]
         else:
             preprocessor = Preprocessor(config.preprocess).fit(adata[train_idx])
+            train_idx = train_idx[preprocessor.qc_passed_]  # QC (min_genes): failing samples teach nothing
             x_train = preprocessor.transform(adata[train_idx])
             x_test = preprocessor.transform(adata[test_idx])
             layout, train_images = fit_layout(layout_spec, x_train, preprocessor.genes_)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .annotation import chromosome_positions
 from .errors import OmicsInputError
-from .render import PixelMap
+from .render import PixelMap, check_image_memory
 
 METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid")
 FEATURE_EXTRACTORS = ("tsne", "umap", "pca", "kpca", "tsne-sklearn")
@@ -51,6 +51,11 @@ DEFAULT_IMAGE_SIZE = 32
 CLUSTER_WARN_GENES = 10_000
 
 
+#: Placing genes on pixels keeps a few arrays over all pixels (pyDeepInsight's pixel centroids and
+#: assignment: int64 row and column per pixel, float coordinates), about this many bytes per pixel.
+_FIT_BYTES_PER_PIXEL = 32
+
+
 def _size(size) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
@@ -58,6 +63,11 @@ def _size(size) -> tuple[int, int]:
     if h < 2 or w < 2:
         raise OmicsInputError(f"image size must be at least 2×2 pixels, got {h}×{w}.")
     return h, w
+
+
+def _check_pixel_grid(size: tuple[int, int]) -> None:
+    """Fitting at an absurd size would exhaust memory on the pixel grid alone: refuse it first."""
+    check_image_memory(1, 1, size, bytes_per_value=_FIT_BYTES_PER_PIXEL, what="pixel grid for placing genes")
 
 
 # ============================================================ base classes
@@ -76,6 +86,14 @@ class Layout:
 
     def fit_transform(self, x: np.ndarray, genes=None, **render_options):
         return self.fit(x, genes).transform(x, **render_options)
+
+    #: channels of the images, known before fitting (memory checks)
+    planned_channels: int = 1
+
+    def check_memory(self, n_samples: int) -> None:
+        """Refuse, before any work, images of ``n_samples`` that would not fit in memory."""
+        if self.size is not None:
+            check_image_memory(n_samples, self.planned_channels, self.size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -398,6 +416,7 @@ def _image_transformer(extractor, discretization: str, size: tuple[int, int]):
 
 
 def _fit_transformer_coords(extractor, discretization, size, x) -> np.ndarray:
+    _check_pixel_grid(size)
     if discretization == "lsa" and x.shape[1] > size[0] * size[1] * 4:
         raise OmicsInputError(
             f"'lsa' discretisation of {x.shape[1]} genes onto {size[0]}×{size[1]} pixels would cluster "
@@ -504,6 +523,10 @@ class MultiLayoutRGB(GeneLayout):
         self.pixel_map_ = PixelMap(np.stack(channels), self.size, genes)
         return self
 
+    @property
+    def planned_channels(self) -> int:
+        return len(self.extractors)
+
     def params(self):
         return {**super().params(), "extractors": list(self.extractors),
                 "discretization": self.discretization, "random_state": self.random_state}
@@ -539,6 +562,11 @@ class GridLayout(GeneLayout):
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
         n_genes = len(genes)
+        if n_genes < 2:
+            raise OmicsInputError(
+                f"a grid needs at least 2 genes, got {n_genes}; keep more genes (check --n-top-genes and "
+                "that the genes vary across samples)."
+            )
         if self.requested_size is None:
             side = max(2, math.ceil(math.sqrt(n_genes)))
             self.size = (side, side)
@@ -558,6 +586,7 @@ class GridLayout(GeneLayout):
                               "chromosome order falls back to input order", stacklevel=2)
         else:
             order = _cluster_order(x)
+        _check_pixel_grid(self.size)
         n_pixels = self.size[0] * self.size[1]
         per_pixel = math.ceil(n_genes / n_pixels)
         slot = np.empty(n_genes, dtype=np.int64)
@@ -627,6 +656,7 @@ class RGBEmbedding(Layout):
         self.random_state = random_state
 
     n_channels = 3
+    planned_channels = 3
 
     def fit(self, x, genes=None):
         import umap
@@ -672,6 +702,7 @@ class RGBEmbedding(Layout):
         scaled = self._scaled(embeddings)
         h, w = self.size
         n = scaled["tsne"].shape[0]
+        check_image_memory(n, 3, self.size)
         images = np.zeros((n, 3, h, w), dtype=np.float32)
         rows = np.rint(scaled["tsne"][:, 0] * (h - 1)).astype(int)
         cols = np.rint(scaled["tsne"][:, 1] * (w - 1)).astype(int)
@@ -721,15 +752,15 @@ class RGBEmbedding(Layout):
 def make_layout(method: str, size=None, **params) -> Layout:
     """Build an unfitted layout by method name (the CLI's ``--method``)."""
     if method == "deepinsight":
-        return DeepInsightLayout(size=size or DEFAULT_IMAGE_SIZE, **params)
+        return DeepInsightLayout(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
     if method == "fotomics":
-        return FotomicsLayout(size=size or DEFAULT_IMAGE_SIZE, **params)
+        return FotomicsLayout(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
     if method == "rgb-layouts":
-        return MultiLayoutRGB(size=size or DEFAULT_IMAGE_SIZE, **params)
+        return MultiLayoutRGB(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
     if method == "grid":
         return GridLayout(size=size, **params)
     if method == "rgb-embedding":
-        return RGBEmbedding(size=size or 128, **params)
+        return RGBEmbedding(size=128 if size is None else size, **params)
     raise OmicsInputError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 

@@ -14,7 +14,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .io import check_labels
+from .io import check_labels, reading_notes
 from .layouts import Layout, make_layout, save_layout
 from .outputs import write_output_dir
 from .preprocess import PreprocessConfig, Preprocessor
@@ -59,15 +59,18 @@ def imagify(
         check_labels(adata, label_column)
         labels = adata.obs[label_column].astype(str)
     preprocessor = Preprocessor(preprocess or PreprocessConfig())
-    x = preprocessor.fit_transform(adata)
     layout = make_layout(method, size=size, **(layout_params or {}))
-    images = layout.fit_transform(x, preprocessor.genes_, progress=progress) \
-        if layout.has_gene_map else layout.fit_transform(x, preprocessor.genes_)
-    notes = [f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
+    layout.check_memory(adata.n_obs)  # before any work: refuse images that cannot fit in memory
+    x = preprocessor.fit_transform(adata)
+    passed = preprocessor.qc_passed_
+    render = {"progress": progress} if layout.has_gene_map else {}
+    if passed.all():
+        images = layout.fit_transform(x, preprocessor.genes_, **render)
+    else:  # QC left samples out of the fit; every sample still gets its image
+        images = layout.fit(x[passed], preprocessor.genes_).transform(x, **render)
+    notes = [*reading_notes(adata), *preprocessor.notes_,
+             f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
              layout.describe()]
-    orientation = adata.uns.get("omicsimage", {}).get("orientation")
-    if orientation:
-        notes.insert(0, orientation)
     info = getattr(layout, "info_", {})
     if "n_unplaced" in info:
         notes.append(f"{info['n_unplaced']} of {info['n_unplaced'] + info['n_placed']} genes are not in "

@@ -22,18 +22,64 @@ from .errors import OmicsInputError
 from .io import dense_matrix
 
 
-def looks_log_scale(adata: ad.AnnData) -> bool:
-    """Guess whether values are already log-scale (or otherwise transformed).
+#: Non-integer, non-negative values up to this are read as already log-scale (log2 RMA microarrays stay
+#: below ~16, log1p-normalised counts below ~10); larger ones as unlogged expression (TPM, FPKM).
+LOG_SCALE_MAX = 50
 
-    Counts are non-negative and reach into the hundreds; RMA microarray values
-    (log2) stay below ~20 and z-scored or ratio data hold negatives.  Either of
-    the latter must not be normalised and log-transformed again.
+
+@dataclass
+class ScaleDecision:
+    """Whether values are taken as already log-scale, and why (always reported to the user)."""
+
+    log_scale: bool
+    reason: str
+
+    def describe(self) -> str:
+        how = ("already log-scale: not normalised or log-transformed again" if self.log_scale
+               else "counts: normalize_total + log1p")
+        return f"values read as {how} ({self.reason})"
+
+
+def decide_scale(adata: ad.AnnData, log_scale: bool | None = None) -> ScaleDecision:
+    """How :func:`normalize_samples` will read the values: the user's choice, what the data record,
+    or a look at the values.
+
+    Non-negative integers are counts whatever their maximum. Negative values mean transformed data
+    (log-ratios, z-scores), also when the rest look like counts — that is said in the reason, since a
+    negative entry in a count matrix is more likely an error. Other non-negative values are log-scale up
+    to :data:`LOG_SCALE_MAX`, unlogged expression (normalised and logged here) above.
     """
+    if log_scale is not None:
+        return ScaleDecision(bool(log_scale), "set by the user")
+    stored = adata.uns.get("omicsimage", {}).get("log_scale")
+    if stored is not None:
+        return ScaleDecision(bool(stored), "recorded with the data")
     x = adata.X
-    values = x.data if sp.issparse(x) else np.asarray(x)
+    values = np.asarray(x.data if sp.issparse(x) else x)
     if values.size == 0:
-        return False
-    return bool(values.min() < 0 or values.max() <= 50)
+        return ScaleDecision(False, "no values")
+    lowest, highest = float(values.min()), float(values.max())
+    integers = bool(np.all(np.mod(values, 1) == 0))
+    if lowest < 0:
+        n_negative = int((values < 0).sum())
+        if integers:
+            return ScaleDecision(True, f"integers like counts, but {n_negative} value(s) are negative "
+                                       f"(lowest {lowest:g}), so not counts; if they are counts, fix the "
+                                       "negative entries and pass --counts")
+        return ScaleDecision(True, f"{n_negative} negative value(s) (lowest {lowest:g}), as in log-ratios "
+                                   "or z-scores")
+    if integers:
+        return ScaleDecision(False, f"non-negative integers up to {highest:g}")
+    if highest <= LOG_SCALE_MAX:
+        return ScaleDecision(True, f"non-integer values from {lowest:g} to {highest:g}, as in log2 "
+                                   "microarray or log-normalised data; pass --counts if they are not")
+    return ScaleDecision(False, f"non-integer values up to {highest:g}, as in TPM or FPKM; pass "
+                                "--log-scale if they are already log-scale")
+
+
+def looks_log_scale(adata: ad.AnnData) -> bool:
+    """Whether the values look already log-scale (see :func:`decide_scale`, which also says why)."""
+    return decide_scale(adata).log_scale
 
 
 def normalize_samples(
@@ -51,9 +97,8 @@ def normalize_samples(
     detected genes (scanpy's ``filter_cells``).
     """
     adata = adata.copy()
-    stored = adata.uns.get("omicsimage", {}).get("log_scale")
-    if log_scale is None:
-        log_scale = stored if stored is not None else looks_log_scale(adata)
+    decision = decide_scale(adata, log_scale)
+    log_scale = decision.log_scale
     if min_genes > 0:
         before = adata.n_obs
         sc.pp.filter_cells(adata, min_genes=min_genes)
@@ -72,6 +117,7 @@ def normalize_samples(
         sc.pp.log1p(adata)
     adata.uns.setdefault("omicsimage", {})["log_scale"] = True
     adata.uns["omicsimage"]["normalized"] = not log_scale
+    adata.uns["omicsimage"]["scale"] = decision.describe()
     return adata
 
 
@@ -81,6 +127,9 @@ class PreprocessConfig:
 
     log_scale: bool | None = None
     target_sum: float | None = 1e4
+    #: QC at fit: training samples with fewer detected (non-zero) genes are left out of what is learned
+    #: (gene selection, scaling, layout, network); transform keeps every sample, so predictions cover
+    #: every input row
     min_genes: int = 0
     n_top_genes: int | None = 2000
     #: minimum fraction of training samples in which a gene must be non-zero
@@ -96,6 +145,13 @@ class Preprocessor:
     minimum and maximum.  ``transform`` applies the same per-sample steps, keeps
     the selected genes and scales each to [0, 1] with the training range
     (clipped), the input DeepInsight-style layouts expect.
+
+    ``config.min_genes`` is quality control at fit: training samples with fewer
+    detected genes are left out of the fit, and ``qc_passed_`` marks which
+    samples of the fitting data passed, so callers train the layout and network
+    on those only.  ``transform`` never drops a sample: a prediction or image is
+    owed for every row given.  ``notes_`` says how the values were read and what
+    QC removed.
     """
 
     def __init__(self, config: PreprocessConfig | None = None, **options):
@@ -104,9 +160,27 @@ class Preprocessor:
     # scikit-learn style
     def fit(self, adata: ad.AnnData) -> "Preprocessor":
         cfg = self.config
+        if adata.n_obs < 2:
+            raise OmicsInputError(
+                f"fitting needs at least two samples, got {adata.n_obs}; give data with more samples "
+                "(predict one sample with a model trained on many)."
+            )
+        self.qc_passed_ = self._qc_mask(adata)
+        passed = int(self.qc_passed_.sum())
+        self.notes_ = []
+        if passed < adata.n_obs:
+            if passed < 2:
+                raise OmicsInputError(
+                    f"QC (min_genes={cfg.min_genes}) leaves {passed} of {adata.n_obs} training samples; "
+                    "fitting needs at least two: lower min_genes."
+                )
+            self.notes_.append(f"QC: {adata.n_obs - passed} of {adata.n_obs} training samples have fewer than "
+                               f"{cfg.min_genes} detected genes and were left out of the fit")
+            adata = adata[self.qc_passed_]
         norm = normalize_samples(
             adata, log_scale=cfg.log_scale, target_sum=cfg.target_sum, min_genes=0
         )
+        self.notes_.insert(0, norm.uns["omicsimage"]["scale"])
         self.log_scale_ = not norm.uns["omicsimage"]["normalized"]
         x = dense_matrix(norm)
         keep = np.ones(norm.n_vars, dtype=bool)
@@ -155,6 +229,13 @@ class Preprocessor:
 
     def fit_transform(self, adata: ad.AnnData) -> np.ndarray:
         return self.fit(adata).transform(adata)
+
+    def _qc_mask(self, adata: ad.AnnData) -> np.ndarray:
+        """Samples with at least ``min_genes`` detected genes (scanpy's ``filter_cells`` rule)."""
+        if self.config.min_genes <= 0:
+            return np.ones(adata.n_obs, dtype=bool)
+        keep, _ = sc.pp.filter_cells(adata, min_genes=self.config.min_genes, inplace=False)
+        return np.asarray(keep, dtype=bool)
 
     # checkpoints hold plain values only
     def state(self) -> dict:

@@ -13,6 +13,7 @@ over pixels, and runs on a torch device when one is given.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,53 @@ Progress = Callable[[int, int], None]
 # Samples per sparse product and pixels per copied tile: a (pixels × 128)
 # float32 intermediate is ~25 MB at 224², and 2048 × 128 tiles stay in cache.
 _CHUNK_SAMPLES, _TILE_PIXELS = 128, 2048
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: free memory (psutil, else sysconf), capped by an address-space
+    limit (``ulimit -v`` / ``prlimit --as``) when one is set. ``None`` when it cannot be told."""
+    try:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency of the GUI stack
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            free = min(free, int(soft))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not on every platform
+        pass
+    return free
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def check_image_memory(n_images: int, n_channels: int, shape: Sequence[int], *,
+                       bytes_per_value: int = 4, what: str = "images") -> None:
+    """Refuse to allocate ``n_images × n_channels × H × W`` float32 values that cannot fit in memory.
+
+    Called before the allocation (and before the work that leads to it), so an absurd image size is a
+    one-line error with the figure instead of a crash.
+    """
+    h, w = (int(v) for v in shape)
+    need = int(n_images) * int(n_channels) * h * w * bytes_per_value
+    free = available_memory()
+    if free is None or need <= free:
+        return
+    per_side = int((free / max(1, int(n_images) * int(n_channels) * bytes_per_value)) ** 0.5)
+    raise OmicsInputError(
+        f"{n_images} {what} of {n_channels}×{h}×{w} pixels need {_gib(need)} "
+        f"({n_images} × {n_channels} × {h}×{w} × {bytes_per_value} bytes) but {_gib(free)} of memory is "
+        f"available; choose a smaller --size (at most about {max(per_side, 0)}) or fewer samples."
+    )
 
 
 def _render_chunk(block: np.ndarray, matrix, target: np.ndarray) -> None:
@@ -188,6 +236,7 @@ class PixelMap:
         if device is not None:
             return self._render_torch(x, fill_value, device)
         n = x.shape[0]
+        check_image_memory(n, self.n_channels, self.shape)
         out = np.empty((n, self.n_channels, *self.shape), dtype=np.float32)
         flat_out = out.reshape(n, -1)
         matrix = self.averaging_matrix()

@@ -457,7 +457,9 @@ def train(adata: ad.AnnData, label_column: str, layout_spec: dict, config: Train
     y = class_indices(labels, classes)
 
     preprocessor = Preprocessor(config.preprocess).fit(adata)
-    x = preprocessor.transform(adata)
+    passed = preprocessor.qc_passed_  # QC (min_genes): failing samples are left out of training
+    x = preprocessor.transform(adata[passed])
+    y = y[passed]
     layout, train_images = fit_layout(layout_spec, x, preprocessor.genes_)
     batches = (ImageBatches(device, layout=layout, x=x) if train_images is None
                else ImageBatches(device, images=train_images))

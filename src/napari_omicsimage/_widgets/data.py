@@ -18,8 +18,8 @@ from qtpy.QtWidgets import (
 
 from .._reader import guess_label_column
 from ..errors import OmicsInputError
-from ..io import SAMPLE_DATASETS, load_sample_data, read_expression
-from ..preprocess import PreprocessConfig
+from ..io import SAMPLE_DATASETS, load_sample_data, read_expression, read_labels_table, reading_notes
+from ..preprocess import PreprocessConfig, decide_scale
 from ._common import (
     fill_table,
     group,
@@ -44,12 +44,11 @@ def _first_class_column(labels_path) -> str | None:
     if labels_path is None:
         return None
     try:
-        frame = pd.read_csv(labels_path, sep="," if str(labels_path).lower().endswith(".csv") else "\t",
-                            dtype=str, keep_default_na=False, na_values=[""], index_col=0)
-    except (OSError, ValueError, pd.errors.ParserError):
+        frame = read_labels_table(labels_path).iloc[:, 1:]
+    except (OSError, ValueError):
         return None  # read_expression reports what is wrong with the file
-    if frame.shape[1] <= 1:
-        return None
+    if frame.shape[1] <= 1 or frame.columns.duplicated().any():
+        return None  # read_expression names the repeated column
     for column in frame.columns:
         values = frame[column]
         if values.notna().all() and 2 <= values.nunique() <= 50:
@@ -106,7 +105,8 @@ class DataWidget(QWidget):
         self.top_genes.setToolTip("keep this many highly variable genes (0 keeps every gene)")
         self.min_genes = QSpinBox()
         self.min_genes.setRange(0, 100000)
-        self.min_genes.setToolTip("drop samples with fewer detected genes (quality control; 0 keeps all)")
+        self.min_genes.setToolTip("quality control: training samples with fewer detected genes are left out of "
+                                  "fitting and training (0 keeps all); every sample is still imaged and predicted")
         pre_form = QFormLayout()
         pre_form.addRow("values:", self.scale_combo)
         pre_form.addRow("top variable genes:", self.top_genes)
@@ -185,6 +185,7 @@ class DataWidget(QWidget):
             n_top_genes=None if top == 0 else top,
             min_genes=self.min_genes.value(),
         )
+        self.refresh()
 
     # ----------------------------------------------------------- display
     def refresh(self) -> None:
@@ -195,7 +196,7 @@ class DataWidget(QWidget):
             if adata is None:
                 self.class_table.setRowCount(0)
                 return
-            note = adata.uns.get("omicsimage", {}).get("orientation", "")
+            notes = [*reading_notes(adata), decide_scale(adata, SCALES[self.scale_combo.currentText()]).describe()]
             source = self.session.source or "data"
             self.label_combo.addItem(NO_LABELS)
             self.label_combo.addItems([str(c) for c in adata.obs.columns])
@@ -210,6 +211,6 @@ class DataWidget(QWidget):
                 self.class_table.setRowCount(0)
                 classes = "; no labels chosen (training needs them)"
             self.summary.setText(f"{source}: {adata.n_obs} samples × {adata.n_vars} genes{classes}"
-                                 + (f"\n({note})" if note else ""))
+                                 + "".join(f"\n({note})" for note in notes))
         finally:
             self._refreshing = False
