@@ -83,6 +83,8 @@ def main(argv=None) -> int:
         ("handcrafted+fourier α=100", replace(base, alpha=100.0)),
         ("handcrafted+fourier incremental-pca", replace(base, reducer="incremental-pca")),
         ("handcrafted+fourier Shannon top 75 %", replace(base, keep_fraction=0.75)),
+        ("handcrafted+fourier Shannon top 75 %, scored on kept spots", replace(base, keep_fraction=0.75)),
+        ("handcrafted+fourier, all spots, scored on the Shannon top 75 %", base),
     ]
     backbone = args.random_backbone
     if backbone != "none":
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
         if "+" in config.features:
             # the joint set reuses the cached parts: compute them from the two single-set caches
             _joint_features(cache, sections, config)
-        result = leave_one_section_out(sections, config, random_backbone=None, feature_cache=cache)
+        # Shannon selection at prediction time too: score only the held-out spots the top 75 % keeps
+        result = leave_one_section_out(sections, config, random_backbone=None, feature_cache=cache,
+                                       score_keep_fraction=0.75 if "scored on" in name else None)
         seconds[name] = time.perf_counter() - t0
         for method in ("model", "training mean"):
             if method == "training mean" and name != "handcrafted+fourier":
@@ -137,7 +141,11 @@ def _joint_features(cache, sections, config) -> None:
     """Put ``a+b`` features into the cache by joining the cached ``a`` and ``b`` (same patches, same order)."""
     import numpy as np
 
-    from napari_omicsimage.histology.features import HANDCRAFTED, FeatureExtractor, PatchFeatures
+    from napari_omicsimage.histology.features import (
+        HANDCRAFTED,
+        FeatureExtractor,
+        PatchFeatures,
+    )
 
     parts = config.features.split("+")
     for section in sections:

@@ -381,3 +381,11 @@ def test_openslide_backend_reads_the_same_pixels(tmp_path):
     assert "openslide" in slide.backend and slide.shape == (512, 512)
     np.testing.assert_array_equal(slide.read_region(10, 20, 40, 30), data[20:50, 10:50])
     slide.close()
+
+
+def test_shannon_selection_at_prediction_scores_only_the_kept_held_out_spots(st_sections):
+    config = HistologyConfig(**{**WEIGHT_FREE.__dict__, "genes": ["NUC", "EOS"]})
+    every = leave_one_section_out(st_sections, config, random_backbone=None)
+    kept = leave_one_section_out(st_sections, config, random_backbone=None, score_keep_fraction=0.5)
+    assert set(every.folds["n_spots"]) == {64} and set(kept.folds["n_spots"]) == {32}
+    assert not np.allclose(every.folds["mean_r"], kept.folds["mean_r"])

@@ -28,6 +28,7 @@ from ..training import ProgressEvent
 from .features import FeatureExtractor, PatchFeatures, describe_features
 from .models import HistologyConfig, fit, log_normalised, target_matrix
 from .reading import Section
+from .tiles import shannon_select
 
 
 def pearson_per_gene(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -120,13 +121,18 @@ def _section_features(extractor: FeatureExtractor, sections, config, progress, c
 
 def leave_one_section_out(sections: list[Section], config: HistologyConfig | None = None, *,
                           random_backbone: str | None = "resnet50", progress=None,
-                          feature_cache: dict | None = None) -> HistologyEvaluation:
+                          feature_cache: dict | None = None, score_keep_fraction: float | None = None
+                          ) -> HistologyEvaluation:
     """Leave each section out once; see the module docstring for what is compared.
 
     ``random_backbone``: the backbone whose randomly initialised features run
     as the baseline in the same folds (``None`` to skip it).  When the model's
     own features are that backbone with random weights, the baseline is skipped.
     ``feature_cache``: a dict reused between calls (``(key, section) → PatchFeatures``).
+    ``score_keep_fraction``: score only this fraction of each held-out
+    section's spots with the highest patch entropy (Shannon selection at
+    prediction time, ISG's use: predict where there is texture); by default
+    every held-out spot is scored.  Training selection is the config's.
     """
     import time
 
@@ -163,16 +169,19 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
         train = [s for s in sections if s is not held_out]
         model = fit(train, config, features=main)
         genes = model.genes
-        measured = target_matrix(expression[held_out.name], genes)
+        rows = np.ones(held_out.n_spots, dtype=bool)
+        if score_keep_fraction is not None:
+            rows = shannon_select(main[held_out.name].entropy, keep_fraction=score_keep_fraction).keep
+        measured = target_matrix(expression[held_out.name], genes)[rows]
         scored = np.isfinite(measured).all(axis=0)
         if not scored.all():
             notes.append(f"{held_out.name}: {int((~scored).sum())} target gene(s) not measured; left out of its score")
-        predictions = {"model": model.predict_features(main[held_out.name].values),
+        predictions = {"model": model.predict_features(main[held_out.name].values[rows]),
                        "training mean": np.broadcast_to(model.train_mean, measured.shape)}
         if random_config is not None:
             random_model = fit(train, replace(random_config, genes=genes), features=random_features)
             predictions["random " + random_backbone] = random_model.predict_features(
-                random_features[held_out.name].values)
+                random_features[held_out.name].values[rows])
         for method, predicted in predictions.items():
             r = pearson_per_gene(np.asarray(predicted, dtype=np.float64)[:, scored],
                                  measured[:, scored].astype(np.float64))
@@ -180,7 +189,7 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
             for gene, value, error in zip(np.asarray(genes)[scored], r, mse):
                 gene_rows.append({"held_out": held_out.name, "method": method, "gene": gene,
                                   "pearson": float(value), "mse": float(error)})
-            fold_rows.append({"held_out": held_out.name, "method": method, "n_spots": held_out.n_spots,
+            fold_rows.append({"held_out": held_out.name, "method": method, "n_spots": int(rows.sum()),
                               "mean_r": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
                               "median_r": float(np.nanmedian(r)) if np.isfinite(r).any() else np.nan,
                               "mse": float(mse.mean())})
