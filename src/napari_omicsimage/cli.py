@@ -195,6 +195,9 @@ def _register_extra_commands(sub) -> None:
     from . import _cli_demo
 
     _cli_demo.register(sub)
+    from .histology import _cli as _cli_histology
+
+    _cli_histology.register(sub)
 
 
 def _command_name(argv) -> str:

@@ -36,6 +36,19 @@ def _wait(app, task, timeout: float = 900) -> None:
     _settle(app)
 
 
+def grab_window(window, path: Path, *, screen: bool = False) -> None:
+    """Save the window as a PNG; ``screen``: the screen under it, so tooltip pop-ups (own windows) show."""
+    from qtpy.QtGui import QGuiApplication
+
+    if screen:
+        frame = window.frameGeometry()
+        pixmap = QGuiApplication.primaryScreen().grabWindow(0, frame.x(), frame.y(), frame.width(), frame.height())
+    else:
+        pixmap = window.grab()
+    pixmap.save(str(path))
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -54,7 +67,6 @@ def main(argv=None) -> int:
     import napari
     from napari.settings import get_settings
     from qtpy.QtCore import QPoint
-    from qtpy.QtGui import QGuiApplication
     from qtpy.QtWidgets import QApplication, QToolTip
 
     get_settings().application.gui_notification_level = "error"
@@ -78,15 +90,7 @@ def main(argv=None) -> int:
         if screen and last_hover:
             hover(*last_hover[-1], settle=False)  # a repaint elsewhere may have hidden the tooltip
             _settle(app, 0.15)
-        path = args.out / name
-        if screen:  # the screen under the window: includes tooltip pop-ups, which are separate windows
-            frame = window.frameGeometry()
-            pixmap = QGuiApplication.primaryScreen().grabWindow(0, frame.x(), frame.y(), frame.width(),
-                                                                 frame.height())
-        else:
-            pixmap = window.grab()
-        pixmap.save(str(path))
-        print(f"wrote {path}")
+        grab_window(window, args.out / name, screen=screen)
 
     def raise_dock(name: str):
         dock, widget = docks[name]
