@@ -96,8 +96,17 @@ def cmd_evaluate(args) -> int:
     spec = layout_spec(args)
     progress = _ConsoleProgress(args.verbose)
     started = time.perf_counter()
-    result = cross_validate(adata, label_column, spec, config, folds=args.folds,
-                            transductive=args.transductive, progress=progress)
+    if adata.isbacked:
+        from .streaming import cross_validate_streaming
+
+        if args.transductive or args.compare_model:
+            raise OmicsInputError("--transductive and --compare-model are not available on the streaming path; "
+                                  "use --backed no on data that fit in memory.")
+        result = cross_validate_streaming(adata, label_column, spec, config, _streaming_options(args),
+                                          folds=args.folds, progress=progress)
+    else:
+        result = cross_validate(adata, label_column, spec, config, folds=args.folds,
+                                transductive=args.transductive, progress=progress)
     if args.compare_model is not None:
         from dataclasses import replace
 
@@ -120,6 +129,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _streaming_options(args):
+    from .streaming.run import StreamingOptions
+
+    if args.layout_cells < 2:
+        raise OmicsInputError("--layout-cells must be at least 2.")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise OmicsInputError("--max-steps must be at least 1.")
+    return StreamingOptions(layout_cells=args.layout_cells, max_steps=args.max_steps)
+
+
 def cmd_train(args) -> int:
     from .checkpoint import save_checkpoint
     from .cli import check_out, command_inputs, layout_spec, load_input
@@ -127,6 +146,10 @@ def cmd_train(args) -> int:
 
     out = check_out(args, "file")
     config = _train_config(args)
+    if args.devices != 1 or _under_torchrun():
+        from .streaming.ddp import train_distributed_cli
+
+        return train_distributed_cli(args, config, layout_spec(args), _streaming_options(args))
     adata, label_column = load_input(args)
     spec = layout_spec(args)
     if spec["method"] == "rgb-embedding":
@@ -134,7 +157,12 @@ def cmd_train(args) -> int:
               "their nearest training samples, so the blue channel can differ slightly after reloading "
               "(see docs/models.md)", file=sys.stderr)
     progress = _ConsoleProgress(True)
-    trained = train(adata, label_column, spec, config, progress=progress)
+    if adata.isbacked:
+        from .streaming import train_streaming
+
+        trained = train_streaming(adata, label_column, spec, config, _streaming_options(args), progress=progress)
+    else:
+        trained = train(adata, label_column, spec, config, progress=progress)
     save_checkpoint(trained, out, overwrite=args.overwrite, inputs=command_inputs(args))
     last = trained.history[-1] if trained.history else None
     print(f"trained {config.model} on {adata.n_obs} samples × {len(trained.genes)} genes, "
@@ -160,6 +188,16 @@ def cmd_predict(args) -> int:
     out = check_out(args, "file")
     trained = load_checkpoint(args.model_file, device=args.device)
     adata, label_column = load_input(args, require_labels=False)
+    if adata.isbacked:
+        from .streaming import predict_streaming
+
+        summary = predict_streaming(trained, adata, out, label_column=label_column, overwrite=args.overwrite,
+                                    inputs=command_inputs(args), **_max_missing(args))
+        _report_missing(trained)
+        if summary.accuracy is not None:
+            print(f"accuracy on the {summary.n_cells} labelled samples: {summary.accuracy:.3f}")
+        print(f"predicted {summary.n_cells} samples: {summary.counts}; wrote {out}")
+        return 0
     frame = trained.predict(adata, **_max_missing(args))
     _report_missing(trained)
     if label_column is not None:
@@ -186,6 +224,10 @@ def cmd_explain(args) -> int:
     if not trained.layout.has_gene_map:
         raise OmicsInputError(_NO_GENE_MAP)
     adata, label_column = load_input(args, require_labels=False)
+    if adata.isbacked:
+        raise OmicsInputError(f"explain keeps a saliency map per sample in memory, too much for "
+                              f"{adata.n_obs:,} cells; explain a subset of the cells (write it with "
+                              "adata[cells].write_h5ad) or pass --backed no if it fits.")
     result = explain(trained, adata, args.method, label_column, pixel_method=args.pixel_method,
                      baseline=args.baseline, n_steps=args.steps, **_max_missing(args))
     _report_missing(trained)
@@ -205,6 +247,26 @@ def cmd_explain(args) -> int:
         print(f"  no samples for {missing_classes}: no table for them")
     print(f"wrote gene tables, saliency maps and explain.json to {out}")
     return 0
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
+    from .cli import add_backed_argument
+    from .streaming import DEFAULT_LAYOUT_CELLS
+
+    add_backed_argument(parser)
+    if not training:
+        return
+    parser.add_argument("--layout-cells", type=int, default=DEFAULT_LAYOUT_CELLS, metavar="N",
+                        help="streaming: fit the gene layout on a stratified subsample of this many cells "
+                             f"(default {DEFAULT_LAYOUT_CELLS:,})")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="streaming: stop after N optimiser steps in all (default: every epoch)")
 
 
 # ----------------------------------------------------------------- register
@@ -227,6 +289,7 @@ def register(sub) -> None:
                           help="fit preprocessing and layout on ALL samples (the paper's set-up; optimistic)")
     evaluate.add_argument("--compare-model", choices=[m for m in _model_names()], default=None,
                           help="also cross-validate this model on the same folds and run a Wilcoxon test")
+    _add_streaming_arguments(evaluate, training=True)
     evaluate.add_argument("--out", required=True, metavar="DIR", help="report folder")
     evaluate.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -235,6 +298,11 @@ def register(sub) -> None:
     add_input_arguments(train)
     add_layout_arguments(train)
     _add_training_arguments(train)
+    _add_streaming_arguments(train, training=True)
+    train.add_argument("--devices", type=int, default=1, metavar="N",
+                       help="train on N processes with DistributedDataParallel: N GPUs (nccl) when there are, "
+                            "else N CPU processes (gloo); --batch-size is the global batch. Also started by "
+                            "torchrun (then its processes are used)")
     train.add_argument("--out", required=True, metavar="MODEL_FILE", help="checkpoint file to write (.pt)")
     train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     train.set_defaults(func=cmd_train)
@@ -243,6 +311,7 @@ def register(sub) -> None:
     predict.add_argument("model_file", metavar="MODEL_FILE", help="checkpoint written by `omicsimage train`")
     _add_predict_input_arguments(predict)
     predict.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    _add_streaming_arguments(predict, training=False)
     predict.add_argument("--out", required=True, metavar="CSV", help="predictions table to write")
     predict.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     predict.set_defaults(func=cmd_predict)
@@ -265,6 +334,7 @@ def register(sub) -> None:
     explain.add_argument("--top-genes", type=int, default=50,
                          help="genes per sample in sample_top_genes.csv (default 50)")
     explain.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    _add_streaming_arguments(explain, training=False)
     explain.add_argument("--out", required=True, metavar="DIR", help="output folder")
     explain.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     explain.set_defaults(func=cmd_explain)

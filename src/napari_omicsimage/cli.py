@@ -10,6 +10,7 @@ import argparse
 import errno
 import logging
 import sys
+import time
 from pathlib import Path
 
 # Only light imports here: numpy/pandas/scanpy load inside main(), so Ctrl-C while they load is a
@@ -113,6 +114,18 @@ def load_input(args, *, require_labels: bool = True):
         label_column = args.label_column or SAMPLE_DATASETS[args.input]
         if args.labels:
             raise OmicsInputError("bundled sample data carry their own labels; drop --labels.")
+    elif _streams(args, path):
+        from .io import attach_labels, _read_labels
+        from .streaming import open_cells
+
+        started = time.perf_counter()
+        adata = open_cells(path)
+        log.info("stage read: %.2f s", time.perf_counter() - started)
+        label_column = args.label_column
+        if args.labels:
+            attach_labels(adata, _read_labels(args.labels, args.sample_column), label_column)
+            label_column = label_column or adata.uns["omicsimage"].get("label_column")
+        print(f"{path.name}: {adata.n_obs} cells, read backed (streaming path: bounded memory)", file=sys.stderr)
     else:
         adata = read_expression(path, orientation=args.orientation, labels=args.labels,
                                 label_column=args.label_column, sample_column=args.sample_column)
@@ -134,6 +147,25 @@ def load_input(args, *, require_labels: bool = True):
 
         print(f"{name}: {decide_scale(adata, args.log_scale).describe()}", file=sys.stderr)
     return adata, label_column
+
+
+def _streams(args, path: Path) -> bool:
+    """Whether INPUT goes through :mod:`napari_omicsimage.streaming` (``--backed``, default auto)."""
+    backed = getattr(args, "backed", None)
+    if backed is None:
+        return False
+    from .streaming import wants_streaming
+
+    return wants_streaming(path, backed)
+
+
+def add_backed_argument(parser: argparse.ArgumentParser) -> None:
+    from .streaming import STREAM_ABOVE_BYTES, STREAM_ABOVE_CELLS
+
+    parser.add_argument("--backed", choices=["auto", "yes", "no"], default="auto",
+                        help=".h5ad: read it backed and stream cells in blocks, in bounded memory (auto: for "
+                             f"more than {STREAM_ABOVE_CELLS:,} cells or files over "
+                             f"{STREAM_ABOVE_BYTES >> 30} GB; the outputs are the same)")
 
 
 def command_inputs(args) -> list:

@@ -224,21 +224,87 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
     """
     config = (config or TrainConfig()).validate()
     check_labels(adata, label_column)
+    _check_folds(adata.obs[label_column].astype(str).to_numpy(), int(folds))  # before any fitting
+    device = resolve_device(config.device)
+    notes = []
+    if transductive:
+        notes.append("transductive: preprocessing and layout were fitted on ALL samples (the seed paper's "
+                     "set-up); test samples shaped their own images, so these scores are optimistic")
+    fitter = _InMemoryFolds(adata, layout_spec, config, device, transductive)
+    return run_folds(adata, label_column, layout_spec, config, folds, fitter, progress=progress,
+                     baseline=baseline, notes=notes, transductive=transductive)
+
+
+@dataclass
+class FoldOutcome:
+    """What one fold's fitter returns to :func:`run_folds`."""
+
+    proba: np.ndarray | None  # test-cell class probabilities; None when the fold was cancelled
+    history: list[dict]
+    baseline_proba: np.ndarray | None = None
+    #: the training samples actually used (QC may leave some out); None: all of the fold's
+    train_idx: np.ndarray | None = None
+
+
+class _InMemoryFolds:
+    """Per fold: preprocessing and layout fitted on the training samples, all in memory."""
+
+    def __init__(self, adata, layout_spec, config, device, transductive: bool):
+        self.adata, self.layout_spec, self.config, self.device = adata, layout_spec, config, device
+        self.transductive = transductive
+        if transductive:
+            self.shared_pre = shared_pre = Preprocessor(config.preprocess).fit(adata)
+            self.shared_x = shared_pre.transform(adata)
+            self.shared_layout, self.shared_images = fit_layout(layout_spec, self.shared_x, shared_pre.genes_)
+
+    def __call__(self, fold, n_folds, train_idx, test_idx, y, n_classes, progress, baseline) -> FoldOutcome:
+        config, device, adata = self.config, self.device, self.adata
+        if self.transductive:
+            train_idx = train_idx[self.shared_pre.qc_passed_[train_idx]]  # QC (min_genes): left out of training
+            x_train, x_test = self.shared_x[train_idx], self.shared_x[test_idx]
+            layout = self.shared_layout
+            train_images = None if self.shared_images is None else self.shared_images[train_idx]
+            test_images = None if self.shared_images is None else self.shared_images[test_idx]
+        else:
+            preprocessor = Preprocessor(config.preprocess).fit(adata[train_idx])
+            train_idx = train_idx[preprocessor.qc_passed_]  # QC (min_genes): failing samples teach nothing
+            x_train = preprocessor.transform(adata[train_idx])
+            x_test = preprocessor.transform(adata[test_idx])
+            layout, train_images = fit_layout(self.layout_spec, x_train, preprocessor.genes_)
+            test_images = None if train_images is None else np.asarray(layout.transform(x_test), np.float32)
+        train_batches = (ImageBatches(device, layout=layout, x=x_train) if train_images is None
+                         else ImageBatches(device, images=train_images))
+        test_batches = (ImageBatches(device, layout=layout, x=x_test) if test_images is None
+                        else ImageBatches(device, images=test_images))
+        model, history, cancelled = fit_network(train_batches, y[train_idx], n_classes, layout.n_channels,
+                                                config, progress=progress, fold=fold, n_folds=n_folds)
+        if cancelled:
+            return FoldOutcome(None, history, train_idx=train_idx)
+        proba = predict_proba(model, test_batches, batch_size=max(int(config.batch_size), 1),
+                              mixed_precision=config.mixed_precision)
+        base = _baseline_proba(x_train, y[train_idx], x_test, n_classes, config.seed) if baseline else None
+        return FoldOutcome(proba, history, base, train_idx)
+
+
+def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: TrainConfig, folds: int, fitter,
+              *, progress: Progress | None = None, baseline: bool = True, notes: list[str] | None = None,
+              transductive: bool = False, baseline_model: str = "logistic regression (L2, C=1) on the fold's "
+                                                               "preprocessed features") -> CVResult:
+    """The stratified folds, their metrics and the result, around a per-fold ``fitter``.
+
+    ``fitter(fold, n_folds, train_idx, test_idx, y, n_classes, progress, baseline)``
+    returns a :class:`FoldOutcome`; in memory that is :class:`_InMemoryFolds`,
+    at atlas scale :mod:`napari_omicsimage.streaming.cv`.
+    """
+    from sklearn.metrics import confusion_matrix
+
     device = resolve_device(config.device)
     labels = adata.obs[label_column].astype(str).to_numpy()
     classes = sorted(set(labels))
     y = class_indices(labels, classes)
     folds = int(folds)
     splits = stratified_folds(labels, folds, config.seed)
-
-    notes = []
-    if transductive:
-        notes.append("transductive: preprocessing and layout were fitted on ALL samples (the seed paper's "
-                     "set-up); test samples shaped their own images, so these scores are optimistic")
-        shared_pre = Preprocessor(config.preprocess).fit(adata)
-        shared_x = shared_pre.transform(adata)
-        shared_layout, shared_images = fit_layout(layout_spec, shared_x, shared_pre.genes_)
-
+    notes = list(notes or [])
     fold_rows, baseline_rows = [], []
     confusions, baseline_confusions, loss_curves, batch_curves = [], [], [], []
     fold_of_sample = np.full(len(y), -1, dtype=int)
@@ -246,34 +312,15 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
     proba_oof = np.full((len(y), n_classes), np.nan)
     baseline_oof = np.full((len(y), n_classes), np.nan)
     cancelled = False
-    from sklearn.metrics import confusion_matrix
 
     for f, (train_idx, test_idx) in enumerate(splits):
         started = time.perf_counter()
-        if transductive:
-            train_idx = train_idx[shared_pre.qc_passed_[train_idx]]  # QC (min_genes): left out of training
-            x_train, x_test = shared_x[train_idx], shared_x[test_idx]
-            layout = shared_layout
-            train_images = None if shared_images is None else shared_images[train_idx]
-            test_images = None if shared_images is None else shared_images[test_idx]
-        else:
-            preprocessor = Preprocessor(config.preprocess).fit(adata[train_idx])
-            train_idx = train_idx[preprocessor.qc_passed_]  # QC (min_genes): failing samples teach nothing
-            x_train = preprocessor.transform(adata[train_idx])
-            x_test = preprocessor.transform(adata[test_idx])
-            layout, train_images = fit_layout(layout_spec, x_train, preprocessor.genes_)
-            test_images = None if train_images is None else np.asarray(layout.transform(x_test), np.float32)
-        train_batches = (ImageBatches(device, layout=layout, x=x_train) if train_images is None
-                         else ImageBatches(device, images=train_images))
-        test_batches = (ImageBatches(device, layout=layout, x=x_test) if test_images is None
-                        else ImageBatches(device, images=test_images))
-        model, history, fold_cancelled = fit_network(train_batches, y[train_idx], n_classes, layout.n_channels,
-                                                     config, progress=progress, fold=f, n_folds=folds)
-        if fold_cancelled:
+        outcome = fitter(f, folds, train_idx, test_idx, y, n_classes, progress, baseline)
+        train_idx = outcome.train_idx if outcome.train_idx is not None else train_idx  # QC may drop some
+        if outcome.proba is None:
             cancelled = True  # an unfinished fold is dropped; the finished ones stand
             break
-        proba = predict_proba(model, test_batches, batch_size=max(int(config.batch_size), 1),
-                              mixed_precision=config.mixed_precision)
+        proba, history = outcome.proba, outcome.history
         row = {"fold": f + 1, "n_train": len(train_idx), "n_test": len(test_idx),
                **classification_metrics(y[test_idx], proba, n_classes),
                "final_train_loss": history[-1]["loss"], "seconds": round(time.perf_counter() - started, 2)}
@@ -284,7 +331,7 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
         fold_of_sample[test_idx] = f
         proba_oof[test_idx] = proba
         if baseline:
-            base_proba = _baseline_proba(x_train, y[train_idx], x_test, n_classes, config.seed)
+            base_proba = outcome.baseline_proba
             baseline_rows.append({"fold": f + 1, **classification_metrics(y[test_idx], base_proba, n_classes)})
             baseline_confusions.append(confusion_matrix(y[test_idx], base_proba.argmax(1),
                                                         labels=np.arange(n_classes)))
@@ -311,7 +358,7 @@ def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, conf
     if baseline:
         base_mean, base_sd = _summary(baseline_rows)
         metrics.update(baseline=base_mean, baseline_sd=base_sd, baseline_folds=baseline_rows,
-                       baseline_model="logistic regression (L2, C=1) on the fold's preprocessed features")
+                       baseline_model=baseline_model)
         if len(fold_rows) >= 2:
             metrics["wilcoxon_vs_baseline"] = wilcoxon_test(
                 [r["accuracy"] for r in fold_rows], [r["accuracy"] for r in baseline_rows],

@@ -179,8 +179,10 @@ class GeneLayout(Layout):
 
     def transform(self, x, *, batch_size: int = 1024, device=None, progress=None):
         self._check_fitted()
+        import scipy.sparse as sp
+
         return self.pixel_map_.render(
-            np.asarray(x) if device is None else x,
+            np.asarray(x) if device is None and not sp.issparse(x) else x,
             fill_value=self.fill_value,
             batch_size=batch_size,
             device=device,

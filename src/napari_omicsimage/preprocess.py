@@ -211,8 +211,13 @@ class Preprocessor:
         self.max_ = xs.max(axis=0).astype(np.float32)
         return self
 
-    def transform(self, adata: ad.AnnData) -> np.ndarray:
-        """Samples × selected genes, float32 in [0, 1]."""
+    def transform(self, adata: ad.AnnData, *, sparse: bool = False) -> np.ndarray | sp.csr_matrix:
+        """Samples × selected genes, float32 in [0, 1].
+
+        ``sparse=True`` returns CSR when the input is sparse and every gene's
+        training minimum is ≥ 0 (then a zero scales to 0, so the zeros stay
+        implicit): the atlas-scale path (:mod:`napari_omicsimage.streaming`).
+        """
         self._check_fitted()
         missing = [g for g in self.genes_ if g not in adata.var_names]
         if missing:
@@ -223,8 +228,13 @@ class Preprocessor:
         norm = normalize_samples(
             adata, log_scale=self.log_scale_, target_sum=self.config.target_sum, min_genes=0
         )
-        x = dense_matrix(norm[:, list(self.genes_)])
+        selected = norm[:, list(self.genes_)]
         span = np.where(self.max_ > self.min_, self.max_ - self.min_, 1.0)
+        if sparse and sp.issparse(selected.X) and bool((self.min_ >= 0).all()):
+            x = sp.csr_matrix(selected.X, dtype=np.float32)
+            x.data = np.clip((x.data - self.min_[x.indices]) / span[x.indices], 0.0, 1.0).astype(np.float32)
+            return x
+        x = dense_matrix(selected)
         return np.clip((x - self.min_) / span, 0.0, 1.0).astype(np.float32)
 
     def fit_transform(self, adata: ad.AnnData) -> np.ndarray:

@@ -235,6 +235,8 @@ class PixelMap:
             )
         if device is not None:
             return self._render_torch(x, fill_value, device)
+        if sp.issparse(x):
+            return self._render_sparse(sp.csr_matrix(x, dtype=np.float32), fill_value, progress)
         n = x.shape[0]
         check_image_memory(n, self.n_channels, self.shape)
         out = np.empty((n, self.n_channels, *self.shape), dtype=np.float32)
@@ -253,6 +255,27 @@ class PixelMap:
             flat_out[:, empty] = fill_value
         return out
 
+    def _render_sparse(self, x: sp.csr_matrix, fill_value: float, progress: Progress | None):
+        """Sparse CSR batch × sparse averaging matrix: work and memory follow the non-zeros.
+
+        Atlas-scale batches (:mod:`napari_omicsimage.streaming`) stay sparse from
+        the file to here; only the images of the batch are dense.
+        """
+        n = x.shape[0]
+        check_image_memory(n, self.n_channels, self.shape)
+        matrix = self.averaging_matrix()
+        out = np.empty((n, self.n_channels, *self.shape), dtype=np.float32)
+        flat_out = out.reshape(n, -1)
+        step = 16 * _CHUNK_SAMPLES  # a sparse product has no transposing copy to keep in cache
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            flat_out[start:stop] = (x[start:stop] @ matrix).toarray()
+            if progress is not None:
+                progress(stop, n)
+        if fill_value != 0:
+            flat_out[:, np.diff(self._pixel_ptr) == 0] = fill_value
+        return out
+
     def _render_torch(self, x, fill_value: float, device):
         import torch
 
@@ -269,7 +292,7 @@ class PixelMap:
             empty = torch.from_numpy(np.diff(self._pixel_ptr) == 0)
             self._torch_cache = {key: (sparse.to(device), empty.to(device))}
         sparse, empty = self._torch_cache[key]
-        xt = torch.as_tensor(x, dtype=torch.float32, device=device)
+        xt = _dense_on_device(x, device)
         flat = (sparse @ xt.T).T
         if fill_value != 0:
             flat = flat.masked_fill(empty, fill_value)
@@ -282,3 +305,24 @@ class PixelMap:
     @classmethod
     def from_state(cls, state: dict) -> "PixelMap":
         return cls(np.asarray(state["gene_pixels"]), tuple(state["shape"]), state["genes"])
+
+
+def _dense_on_device(x, device):
+    """A float32 tensor of a dense array, a torch tensor or a scipy sparse batch on ``device``.
+
+    A sparse batch travels as its CSR arrays (the non-zeros only) and is made
+    dense on the device, where a batch of a few thousand genes is small; the
+    product with the (much larger) averaging matrix then runs as before.
+    """
+    import torch
+
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            batch = torch.sparse_csr_tensor(
+                torch.from_numpy(x.indptr.astype(np.int64)).to(device),
+                torch.from_numpy(x.indices.astype(np.int64)).to(device),
+                torch.from_numpy(x.data).to(device), size=x.shape, device=device)
+            return batch.to_dense()
+    return torch.as_tensor(x, dtype=torch.float32, device=device)

@@ -205,6 +205,46 @@ def predict_proba(model, batches: ImageBatches, *, batch_size: int = 64, mixed_p
     return np.concatenate(out).astype(np.float64)
 
 
+class ShuffledBatches:
+    """The in-memory epoch source: every epoch a seeded permutation of all samples, cut into batches.
+
+    :func:`train_loop` takes any object with ``n_batches``, ``epoch(epoch)``
+    (yielding ``(batch_number, images, targets)``) and ``calibration()``
+    (yielding image batches for :func:`recalibrate_batchnorm`); the streaming
+    loader of :mod:`napari_omicsimage.streaming` is the other one.
+    """
+
+    def __init__(self, batches: ImageBatches, y: np.ndarray, batch_size: int, seed: int):
+        import torch
+
+        self.batches = batches
+        self.device = batches.device
+        self.targets = torch.as_tensor(np.asarray(y, dtype=np.int64), device=batches.device)
+        self.batch_size = int(batch_size)
+        self.shuffler = torch.Generator().manual_seed(int(seed))
+        self.n_batches = max(1, -(-len(batches) // self.batch_size))
+
+    def epoch(self, epoch: int):
+        import torch
+
+        order = torch.randperm(len(self.batches), generator=self.shuffler).to(self.device)
+        for b in range(self.n_batches):
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if len(index) == 1 and self.batch_size > 1:
+                # a one-sample straggler can break BatchNorm (one value per channel on small feature
+                # maps); the sample is in another batch next epoch, as shuffling changes the order
+                continue
+            yield b, self.batches.get(index), self.targets[index]  # rendered in float32
+
+    def calibration(self):
+        import torch
+
+        # equal-sized chunks: never a one-sample batch, on which BatchNorm cannot compute a variance
+        n_chunks = max(1, -(-len(self.batches) // max(self.batch_size, 1)))
+        for chunk in np.array_split(np.arange(len(self.batches)), n_chunks):
+            yield self.batches.get(torch.as_tensor(chunk, device=self.device))
+
+
 def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels: int,
                 config: TrainConfig, *, progress: Progress | None = None, fold: int | None = None,
                 n_folds: int | None = None):
@@ -216,43 +256,50 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
     """
     import torch
 
-    device = batches.device
     torch.manual_seed(config.seed)
-    model = build_model(config.model, n_channels, n_classes, weights=config.weights).to(device)
+    model = build_model(config.model, n_channels, n_classes, weights=config.weights).to(batches.device)
+    source = ShuffledBatches(batches, y, int(config.batch_size), int(config.seed))
+    history, cancelled = train_loop(model, source, config, progress=progress, fold=fold, n_folds=n_folds)
+    return model, history, cancelled
+
+
+def train_loop(model, source, config: TrainConfig, *, progress: Progress | None = None,
+               fold: int | None = None, n_folds: int | None = None, max_steps: int | None = None):
+    """Train ``model`` in place on the batches of ``source``; returns ``(history, cancelled)``.
+
+    ``model`` may be wrapped in ``DistributedDataParallel`` (the gradients are
+    then averaged over the processes at every step).  ``max_steps`` stops after
+    that many optimiser steps in all (the last epoch is then recorded as far as
+    it went).  A cancelled run keeps the weights of the last finished epoch;
+    BatchNorm statistics are recalibrated afterwards (see
+    :func:`recalibrate_batchnorm`) when ``config.recalibrate_batchnorm``.
+    """
+    import torch
+
+    device = source.device
     optimiser = torch.optim.Adam(model.parameters(), lr=float(config.lr))
     loss_fn = torch.nn.CrossEntropyLoss()
     use_amp = bool(config.mixed_precision and device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    targets = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
-    shuffler = torch.Generator().manual_seed(int(config.seed))
-    n = len(batches)
-    batch_size = int(config.batch_size)
-    n_batches = max(1, -(-n // batch_size))
+    n_batches = source.n_batches
     history: list[dict] = []
     finished_state = copy.deepcopy(model.state_dict())
-    cancelled = False
+    cancelled, steps = False, 0
 
     for epoch in range(int(config.epochs)):
         model.train()
-        order = torch.randperm(n, generator=shuffler).to(device)
         batch_losses, correct, seen = [], 0, 0
-        for b in range(n_batches):
-            index = order[b * batch_size:(b + 1) * batch_size]
-            if len(index) == 1 and batch_size > 1:
-                # a one-sample straggler can break BatchNorm (one value per channel on small feature
-                # maps); the sample is in another batch next epoch, as shuffling changes the order
-                continue
+        for b, images, targets in source.epoch(epoch):
             optimiser.zero_grad(set_to_none=True)
-            images = batches.get(index)  # rendered in float32: sparse kernels have no float16 version
             try:
                 with _autocast(device, use_amp):
                     logits = model(images)
-                    loss = loss_fn(logits.float(), targets[index])
+                    loss = loss_fn(logits.float(), targets)
             except ValueError as exc:
                 if "more than 1 value per channel" not in str(exc):
                     raise
                 raise OmicsInputError(
-                    f"a batch of {len(index)} image(s) of {tuple(images.shape[2:])} pixels leaves the "
+                    f"a batch of {len(targets)} image(s) of {tuple(images.shape[2:])} pixels leaves the "
                     f"{config.model} network's BatchNorm one value per channel; use --batch-size 2 or more, "
                     "or larger images (--size)."
                 ) from exc
@@ -263,15 +310,18 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
             else:
                 loss.backward()
                 optimiser.step()
+            steps += 1
             batch_loss = float(loss.detach())
-            batch_losses.append((batch_loss, len(index)))
-            correct += int((logits.detach().argmax(1) == targets[index]).sum())
-            seen += len(index)
+            batch_losses.append((batch_loss, len(targets)))
+            hits = logits.detach().argmax(1) == targets
+            correct += int(hits.sum())
+            seen += len(targets)
             event = ProgressEvent("batch", fold, n_folds, epoch, int(config.epochs), b, n_batches,
-                                  batch_loss, {"accuracy": float((logits.argmax(1) == targets[index])
-                                                                 .float().mean())})
+                                  batch_loss, {"accuracy": float(hits.float().mean())})
             if _wants_cancel(progress, event):
                 cancelled = True
+                break
+            if max_steps is not None and steps >= max_steps:
                 break
         if cancelled:
             break
@@ -286,17 +336,18 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
         if _wants_cancel(progress, event):
             cancelled = True
             break
+        if max_steps is not None and steps >= max_steps:
+            break
     if cancelled:
         # keep what was finished: the weights at the end of the last complete epoch
         model.load_state_dict(finished_state)
     if config.recalibrate_batchnorm and history:
-        recalibrate_batchnorm(model, batches, batch_size=batch_size, mixed_precision=use_amp)
+        recalibrate_batchnorm(getattr(model, "module", model), source, mixed_precision=use_amp)
     model.eval()
-    return model, history, cancelled
+    return history, cancelled
 
 
-def recalibrate_batchnorm(model, batches: ImageBatches, *, batch_size: int = 32, mixed_precision: bool = False
-                          ) -> None:
+def recalibrate_batchnorm(model, source, *, mixed_precision: bool = False) -> None:
     """Set BatchNorm running statistics to their exact averages over the training images.
 
     BatchNorm layers predict with running averages updated with momentum 0.1
@@ -320,13 +371,9 @@ def recalibrate_batchnorm(model, batches: ImageBatches, *, batch_size: int = 32,
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches of the pass
         m.train()
-    # equal-sized chunks: never a one-sample batch, on which BatchNorm cannot compute a variance
-    n_chunks = max(1, -(-len(batches) // max(int(batch_size), 1)))
     with torch.no_grad():
-        for chunk in np.array_split(np.arange(len(batches)), n_chunks):
-            index = torch.as_tensor(chunk, device=batches.device)
-            images = batches.get(index)
-            with _autocast(batches.device, mixed_precision):
+        for images in source.calibration():
+            with _autocast(source.device, mixed_precision):
                 model(images)
     for m in norms:
         m.momentum = momenta[m]
