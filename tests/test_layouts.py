@@ -177,8 +177,15 @@ def test_rgb_embedding_draws_one_disc_of_radius_3_and_projects_new_samples(pbmc_
     prep = Preprocessor(n_top_genes=200).fit(pbmc_small[:70])
     layout = L.RGBEmbedding(size=128).fit(prep.transform(pbmc_small[:70]))
     train = layout.train_images_
-    lit = (train[0].max(axis=0) > 0).sum()
-    assert 20 <= lit <= 29  # a disc of radius 3 has 29 pixels (fewer if clipped at the border or colour 0)
+    lit = train.max(axis=1) > 0  # (N, H, W)
+    inside = [i for i in range(len(train)) if lit[i].any()
+              and 3 <= np.argwhere(lit[i]).min() and np.argwhere(lit[i]).max() <= 124]
+    assert len(inside) >= 35  # most samples lie away from the border
+    for i in inside:  # a disc of radius 3 away from the border is exactly 29 pixels around its centre
+        rows, cols = np.nonzero(lit[i])
+        r, c = int(round(rows.mean())), int(round(cols.mean()))
+        yy, xx = np.mgrid[0:128, 0:128]
+        assert np.array_equal(lit[i], (yy - r) ** 2 + (xx - c) ** 2 <= 9)
     new = layout.transform(prep.transform(pbmc_small[70:]))
     assert new.shape == (30, 3, 128, 128) and (new.reshape(30, -1).max(axis=1) > 0).all()
     with pytest.raises(OmicsInputError, match="cannot be stored"):
