@@ -96,20 +96,34 @@ METHODS = {
     "rgb-layouts": ({"method": "rgb-layouts"}, False),
     "grid-chromosome": ({"method": "grid", "order": "chromosome"}, False),
     "grid-cluster": ({"method": "grid", "order": "cluster"}, False),  # the grid default since this benchmark
+    # one gene per pixel on the smallest square holding every gene (issue 11)
+    "deepinsight-tsne-lsa": ({"method": "deepinsight", "feature_extractor": "tsne", "discretization": "lsa"}, False),
+    "som": ({"method": "som"}, False),
     "rgb-embedding": ({"method": "rgb-embedding"}, False),
     "rgb-embedding-transductive": ({"method": "rgb-embedding"}, True),
 }
 
 
+def sized_by_genes(method: str) -> bool:
+    """Layouts that take the smallest square holding every gene, whatever ``--size`` says."""
+    spec = METHODS[method][0]
+    return spec["method"] in ("grid", "som") or spec.get("discretization") in ("lsa", "ags")
+
+
 def layout_spec(method: str, size: int) -> tuple[dict, bool]:
     spec, transductive = METHODS[method]
     spec = dict(spec)
-    if spec["method"] != "grid":  # grids take the smallest square holding every gene
+    if not sized_by_genes(method):
         spec["size"] = size if spec["method"] != "rgb-embedding" else max(size, 32)
     return spec, transductive
 
 
 # ------------------------------------------------------------------ running
+def n_folds(adata, dataset: Dataset, folds: int) -> int:
+    """``folds``, capped at the smallest class: the medulloblastoma subset has 4 WNT samples (reported as k)."""
+    return min(int(folds), int(adata.obs[dataset.label_column].value_counts().min()))
+
+
 def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args) -> list[dict]:
     spec, transductive = layout_spec(method, args.size)
     config = TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -126,8 +140,7 @@ def run_one(adata, dataset: Dataset, method: str, model: str, repeat: int, args)
             stamps["fold_end"][event.fold] = now
             stamps["fold_start"][event.fold + 1] = now
 
-    # the medulloblastoma subset has 4 WNT samples: k is capped at the smallest class (and reported)
-    folds = min(args.folds, int(adata.obs[dataset.label_column].value_counts().min()))
+    folds = n_folds(adata, dataset, args.folds)
     result = cross_validate(adata, dataset.label_column, spec, config, folds=folds,
                             transductive=transductive, progress=progress)
     rows = []
@@ -207,9 +220,12 @@ def glance(frame: pd.DataFrame) -> str:
 
 
 def image_side(method: str, size: int) -> str:
-    """The image side a row was trained at (grids take the smallest square holding every gene)."""
+    """The image side a row was trained at (grids, SOMs and assignment layouts: the smallest square holding
+    every gene)."""
     if method.startswith("grid"):
         return "grid"
+    if method in METHODS and sized_by_genes(method):
+        return "auto"  # the smallest square with a pixel per gene: 28² for PBMC's 765 genes, 45² for 2,000
     return str(max(size, 32) if method.startswith("rgb-embedding") else size)
 
 

@@ -44,21 +44,24 @@ def toy_adata():
     )
 
 
-def make_planted(n_samples=120, n_genes=200, n_classes=3, per_class=3, shift=3.0, seed=0):
+def make_planted(n_samples=120, n_genes=200, n_classes=3, per_class=3, shift=3.0, seed=0, absent_classes=0):
     """Samples × genes (log-scale, N(6, 1) noise) where a few genes decide the class.
 
     For class k, ``per_class`` genes are raised by ``shift`` in its samples and
-    nothing else differs.  Returns ``(adata, planted)`` with ``planted`` the
-    class → gene names map and labels in ``obs["label"]``.
+    nothing else differs.  The last ``absent_classes`` classes get no genes of
+    their own: they are recognised by the *absence* of the others' genes.
+    Returns ``(adata, planted)`` with ``planted`` the class → gene names map
+    (empty lists for those classes) and labels in ``obs["label"]``.
     """
     rng = np.random.default_rng(seed)
     y = np.arange(n_samples) % n_classes
     x = rng.normal(6.0, 1.0, size=(n_samples, n_genes)).astype(np.float32)
     genes = [f"g{i:03d}" for i in range(n_genes)]
-    chosen = rng.choice(n_genes, size=n_classes * per_class, replace=False)
+    with_genes = n_classes - int(absent_classes)
+    chosen = rng.choice(n_genes, size=with_genes * per_class, replace=False)
     planted = {}
     for k in range(n_classes):
-        columns = chosen[k * per_class:(k + 1) * per_class]
+        columns = chosen[k * per_class:(k + 1) * per_class] if k < with_genes else []
         x[np.ix_(y == k, columns)] += shift
         planted[f"class{k}"] = [genes[i] for i in columns]
     adata = ad.AnnData(

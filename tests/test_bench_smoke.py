@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import shared_path
 
@@ -167,3 +168,65 @@ def test_accuracy_script_splits_data_sets_over_processes_and_merges_them(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folds.csv", "folds.part0.log", "folds.part1.log",
                                                           "folds_render.csv"]
     assert "process 0:" in result.stdout and "| *logistic regression (baseline)* |" in result.stdout
+
+
+# ----------------------------------------------------------- explanations
+@pytest.fixture(scope="module")
+def explanations():
+    path = BENCH.with_name("explanations.py")
+    spec = importlib.util.spec_from_file_location("explanations_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["explanations_bench"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deletion_and_insertion_curves_follow_the_ranking(explanations):
+    """A 'model' whose probability is the mean of genes 0 and 1: deleting them first empties it at k = 2."""
+    def proba(rows):
+        p = rows[:, :2].mean(axis=1)
+        return np.stack([p, 1 - p], axis=1)
+
+    x = np.array([[1.0, 1.0, 0.5, 0.5]], dtype=np.float32)
+    baseline = np.zeros(4, dtype=np.float32)
+    k_grid = np.array([0, 1, 2, 4])
+    good, bad = np.array([[0, 1, 2, 3]]), np.array([[3, 2, 1, 0]])
+    deletion = explanations.curves(proba, x, np.array([0]), good, baseline, k_grid, insertion=False)
+    np.testing.assert_allclose(deletion, [[1.0, 0.5, 0.0, 0.0]])
+    insertion = explanations.curves(proba, x, np.array([0]), bad, baseline, k_grid, insertion=True)
+    np.testing.assert_allclose(insertion, [[0.0, 0.0, 0.0, 1.0]])
+    worse = explanations.curves(proba, x, np.array([0]), bad, baseline, k_grid, insertion=False)
+    assert explanations.auc(deletion, k_grid)[0] < explanations.auc(worse, k_grid)[0]
+    np.testing.assert_allclose(explanations.auc(np.ones((1, 4)), k_grid), [1.0])
+
+
+def test_top20_jaccard_and_random_tie_breaks(explanations):
+    tops = [{0: set(range(20))}, {0: set(range(10, 30))}, {0: set(range(20))}]
+    # pairs: 10/30, 1, 10/30
+    assert explanations.mean_jaccard(tops) == pytest.approx((1 / 3 + 1 + 1 / 3) / 3)
+    scores = np.array([[1.0, 1.0, 1.0, 0.0]])
+    firsts = {int(explanations._order(scores, np.random.default_rng(s))[0, 0]) for s in range(20)}
+    assert firsts == {0, 1, 2}  # tied genes come first in every order, each of them sometimes
+
+
+def test_explanation_benchmark_quick_run_writes_consistent_results(explanations, tmp_path, capsys):
+    out = tmp_path / "expl"
+    shared_path("srbct_khan")
+    assert explanations.main(["--quick", "--out-dir", str(out), "--plot", str(tmp_path / "curves.png")]) == 0
+    samples = pd.read_csv(out / "samples.csv")
+    assert set(samples.ranking) == {*explanations.RANKINGS, "deepmapper"}
+    assert samples.auc.between(0, 1).all()
+    per_sample = samples.groupby(["fold", "sample", "curve", "ranking"]).size()
+    assert (per_sample == 1).all() and len(samples) == 2 * 4 * 2 * (len(explanations.RANKINGS) + 1)
+    # every ranking of a sample starts from the same probability: the unchanged sample (deletion) or the baseline
+    ours = samples[samples.ranking != "deepmapper"]
+    assert (ours.groupby(["sample", "curve"]).p_start.nunique() == 1).all()
+    stability = pd.read_csv(out / "stability.csv")
+    assert set(stability.across) == {"folds", "seeds"}
+    # DeepMapper after 3 epochs may get no reference sample right (no class tops: NaN); ours always has some
+    assert stability[stability.method != "deepmapper"].jaccard_top20.between(0, 1).all()
+    folds = pd.read_csv(out / "folds.csv")
+    assert set(folds.model) == {"ours", "deepmapper"} and folds.accuracy.between(0, 1).all()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "one-sided paired Wilcoxon" in printed and "| random |" in printed

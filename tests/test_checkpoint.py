@@ -139,22 +139,42 @@ def test_unfitted_or_folder_targets_are_refused_clearly(trained_and_data, tmp_pa
     assert not (tmp_path / "untrained.pt").exists()
 
 
+#: share of new samples whose predicted class must survive save + load of an rgb-embedding model: the
+#: reloaded UMAP (blue channel) is approximate, so a sample near a class boundary may flip. Measured: 100 %
+#: of 36 new samples on three data/training seeds, with the blue channel off by up to 0.6
+RGB_RELOAD_AGREEMENT = 0.9
+
+
 @pytest.mark.slow
 def test_published_rgb_method_round_trip(tmp_path):
-    """PCA and t-SNE projections are rebuilt exactly; UMAP by nearest training samples (documented)."""
-    adata, _ = make_planted(n_samples=45, n_genes=40)
-    config = TrainConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
+    """PCA and t-SNE channels are rebuilt exactly; UMAP by nearest training samples (documented)."""
+    adata, _ = make_planted(n_samples=72, n_genes=40)
+    config = TrainConfig(epochs=4, batch_size=16, lr=3e-3, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
     trained = train(adata[:36].copy(), "label", {"method": "rgb-embedding", "size": 24}, config)
     loaded = load_checkpoint(save_checkpoint(trained, tmp_path / "rgb.pt"), device="cpu")
     assert loaded.layout.method == "rgb-embedding" and not loaded.layout.has_gene_map
-    x, _ = trained.prepare(adata[36:].copy())
+    new = adata[36:].copy()
+    x, images_before = trained.prepare(new)
+    _, images_after = loaded.prepare(new)
     scores = trained.layout.pca_.transform(x)
     assert np.allclose(loaded.layout.pca_.transform(x), scores, atol=1e-5)
     before, after = trained.layout._embeddings(scores), loaded.layout._embeddings(scores)
     assert np.allclose(after["tsne"], before["tsne"], atol=1e-3)
     assert np.corrcoef(after["umap"][:, 0], before["umap"][:, 0])[0, 1] > 0.5
-    frame = loaded.predict(adata[36:].copy())
-    assert len(frame) == 9 and np.allclose(frame.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
+    # red (t-SNE: disc position and colour) and green (PCA) channels are the same images
+    np.testing.assert_allclose(images_after[:, :2], images_before[:, :2], atol=1e-5)
+    # predictions: the same class for nearly all samples, probabilities close
+    predicted_before, predicted_after = trained.predict(new), loaded.predict(new)
+    assert len(predicted_after) == 36 and np.allclose(predicted_after.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
+    agreement = (predicted_before["predicted"] == predicted_after["predicted"]).mean()
+    assert agreement >= RGB_RELOAD_AGREEMENT, agreement
+    assert (predicted_before["predicted"] == new.obs["label"].astype(str).to_numpy()).mean() > 0.8  # it learnt
+    # the only difference is the blue channel: given the same images, the reloaded network decides the same
+    images_after[:, 2] = images_before[:, 2]
+    with torch.no_grad():
+        same = loaded.model.eval()(torch.as_tensor(images_after)).argmax(1).numpy()
+        original = trained.model.eval()(torch.as_tensor(images_before)).argmax(1).numpy()
+    np.testing.assert_array_equal(same, original)
 
 
 def test_changed_weight_bytes_are_reported_as_damage(saved, tmp_path):

@@ -106,8 +106,11 @@ def test_train_predict_explain(data_files, tmp_path, capsys):
 
     out = tmp_path / "explained"
     assert main(["explain", str(model), str(expression), "--samples-in-rows", "--labels", str(labels),
-                 "--label-column", "label", "--method", "gradient", "--top-genes", "5", "--out", str(out)]) == 0
+                 "--label-column", "label", "--top-genes", "5", "--out", str(out)]) == 0
     summary = json.loads((out / "explain.json").read_text())
+    assert summary["method"] == "integrated-gradients" and summary["pixel_method"] == "gradient"
+    assert summary["attribution"]["baseline"] == "mean"
+    assert summary["attribution"]["completeness_max_relative_error"] <= 0.01
     # labels given: each class is summarised over its correctly predicted samples; this model gets most right
     frame = pd.read_csv(predictions)
     correct = frame[frame["true"] == frame["predicted"]]["true"].value_counts().to_dict()
@@ -116,15 +119,27 @@ def test_train_predict_explain(data_files, tmp_path, capsys):
     assert summary["classes_without_samples"] == []
     for entry in summary["classes"]:
         table = pd.read_csv(out / entry["gene_table"])
-        assert list(table.columns) == ["rank", "gene", "saliency", "channel", "row", "col", "pixel_genes",
-                                       "expression", "gene_gradient"]
-        assert len(table) == 40 and table["saliency"].is_monotonic_decreasing
+        assert list(table.columns) == ["rank", "gene", "attribution", "contrastive", "pixel_saliency", "channel",
+                                       "row", "col", "pixel_genes", "expression"]
+        assert len(table) == 40 and table["attribution"].abs().is_monotonic_decreasing
+        assert table["rank"].tolist() == list(range(1, 41)) and (table["pixel_saliency"] >= 0).all()
+        assert (table["attribution"] < 0).any() or (table["attribution"] > 0).all()  # signed, not magnitudes
+    attribution = np.load(out / "gene_attribution.npy")
+    assert attribution.shape == (48, 40) and np.load(out / "gene_contrastive.npy").shape == (48, 40)
+    assert np.load(out / "baseline.npy").shape == (40,)
     saliency = np.load(out / "saliency.npy")
     assert saliency.shape[0] == 48 and saliency.ndim == 4 and (saliency >= 0).all()
     assert np.load(out / "saliency_max.npy").shape == (48, *saliency.shape[2:])
     assert np.load(out / "class_saliency.npy").shape[0] == len(summary["classes"])
     top = pd.read_csv(out / "sample_top_genes.csv")
-    assert len(top) == 48 * 5 and {"sample", "predicted", "gene", "saliency"} <= set(top.columns)
+    assert len(top) == 48 * 5 and {"sample", "predicted", "gene", "attribution", "pixel_saliency"} <= set(top.columns)
+
+    paper = tmp_path / "paper"
+    assert main(["explain", str(model), str(expression), "--samples-in-rows", "--method", "gradient",
+                 "--pixel-method", "smoothgrad", "--baseline", "zeros", "--out", str(paper)]) == 0
+    summary = json.loads((paper / "explain.json").read_text())
+    assert summary["method"] == "gradient" and summary["pixel_method"] == "smoothgrad"
+    assert "baseline" not in summary["attribution"] and not (paper / "baseline.npy").exists()
 
 
 def test_model_commands_give_clear_errors(data_files, tmp_path, capsys):

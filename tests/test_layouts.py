@@ -177,12 +177,119 @@ def test_rgb_embedding_draws_one_disc_of_radius_3_and_projects_new_samples(pbmc_
     prep = Preprocessor(n_top_genes=200).fit(pbmc_small[:70])
     layout = L.RGBEmbedding(size=128).fit(prep.transform(pbmc_small[:70]))
     train = layout.train_images_
-    lit = (train[0].max(axis=0) > 0).sum()
-    assert 20 <= lit <= 29  # a disc of radius 3 has 29 pixels (fewer if clipped at the border or colour 0)
+    lit = train.max(axis=1) > 0  # (N, H, W)
+    inside = [i for i in range(len(train)) if lit[i].any()
+              and 3 <= np.argwhere(lit[i]).min() and np.argwhere(lit[i]).max() <= 124]
+    assert len(inside) >= 35  # most samples lie away from the border
+    for i in inside:  # a disc of radius 3 away from the border is exactly 29 pixels around its centre
+        rows, cols = np.nonzero(lit[i])
+        r, c = int(round(rows.mean())), int(round(cols.mean()))
+        yy, xx = np.mgrid[0:128, 0:128]
+        assert np.array_equal(lit[i], (yy - r) ** 2 + (xx - c) ** 2 <= 9)
     new = layout.transform(prep.transform(pbmc_small[70:]))
     assert new.shape == (30, 3, 128, 128) and (new.reshape(30, -1).max(axis=1) > 0).all()
     with pytest.raises(OmicsInputError, match="cannot be stored"):
         layout.state()
+
+
+# ------------------------------------------------- one gene per pixel (lsa, ags, som)
+def _structured(n_samples=40, n_genes=90, seed=0):
+    """Genes in 3 co-expression groups, so a layout has neighbourhoods worth keeping."""
+    rng = np.random.default_rng(seed)
+    factors = rng.random((n_samples, 3))
+    group = np.arange(n_genes) % 3
+    x = factors[:, group] + 0.15 * rng.random((n_samples, n_genes))
+    return (x / x.max()).astype(np.float32), group
+
+
+def _pixels(layout):
+    return [tuple(p) for p in layout.pixel_map_.gene_pixels[0]]
+
+
+COLLISION_FREE = [
+    ("deepinsight", {"feature_extractor": "pca", "discretization": "lsa"}),
+    ("deepinsight", {"feature_extractor": "pca", "discretization": "ags"}),
+    ("fotomics", {"discretization": "lsa"}),
+    ("som", {}),
+]
+
+
+@pytest.mark.parametrize("method, params", COLLISION_FREE)
+@pytest.mark.parametrize("n_genes", [90, 100, 101])
+def test_collision_free_layouts_give_every_gene_its_own_pixel_on_the_smallest_square(method, params, n_genes):
+    x, _ = _structured(n_genes=n_genes)
+    layout = L.make_layout(method, **params).fit(x)
+    side = int(np.ceil(np.sqrt(n_genes)))
+    assert layout.size == (side, side)
+    assert len(set(_pixels(layout))) == n_genes  # all distinct
+    assert layout.collisions() == 0 and layout.info_["genes_per_pixel_max"] == 1
+    assert "one gene per pixel" in layout.describe()
+    # scikit-learn style: transform renders each gene's own value at its pixel
+    images = layout.transform(x[:5])
+    rows, cols = layout.pixel_map_.gene_pixels[0].T
+    np.testing.assert_array_equal(images[:, 0, rows, cols], x[:5])
+
+
+@pytest.mark.parametrize("method, params", COLLISION_FREE)
+def test_collision_free_layouts_are_deterministic_for_a_seed(method, params):
+    x, _ = _structured()
+    first = L.make_layout(method, **params).fit(x)
+    again = L.make_layout(method, **params).fit(x)
+    np.testing.assert_array_equal(first.pixel_map_.gene_pixels, again.pixel_map_.gene_pixels)
+
+
+def test_som_seed_changes_the_map_and_the_map_keeps_co_expressed_genes_together():
+    for seed in range(3):
+        x, group = _structured(seed=seed)
+        som = L.SOMLayout(random_state=seed).fit(x)
+        other = L.SOMLayout(random_state=seed + 10).fit(x)
+        assert not np.array_equal(som.pixel_map_.gene_pixels, other.pixel_map_.gene_pixels)
+        pixels = som.pixel_map_.gene_pixels[0].astype(float)
+        distance = np.abs(pixels[:, None] - pixels[None]).sum(axis=2)
+        same = group[:, None] == group[None]
+        off_diagonal = ~np.eye(len(group), dtype=bool)
+        # genes of one group sit much closer on the map than genes of different groups
+        assert distance[same & off_diagonal].mean() < 0.6 * distance[~same].mean()
+
+
+def test_som_on_a_grid_smaller_than_the_genes_reports_its_collisions():
+    x, _ = _structured(n_genes=90)
+    som = L.SOMLayout(size=6).fit(x)  # 36 pixels for 90 genes
+    density = som.pixel_map_.density()
+    assert density.sum() == 90
+    assert som.collisions() == 90 - (density > 0).sum() >= 54
+    assert som.info_["genes_per_pixel_max"] == density.max() >= 3
+    assert f"{som.collisions()} gene collisions" in som.describe()
+
+
+def test_binned_layouts_report_their_collisions():
+    x, _ = _structured(n_genes=200)
+    layout = L.DeepInsightLayout(size=8, feature_extractor="pca").fit(x)  # 64 pixels: collisions certain
+    density = layout.pixel_map_.density()
+    assert layout.collisions() == 200 - (density > 0).sum() >= 136
+    assert layout.size == (8, 8) and L.DeepInsightLayout(feature_extractor="pca").fit(x).size == (32, 32)
+
+
+@pytest.mark.parametrize("discretization", ["lsa", "ags"])
+def test_assignment_on_too_small_a_grid_is_refused_with_the_pixels_needed(discretization):
+    x, _ = _structured(n_genes=90)
+    with pytest.raises(OmicsInputError, match=r"90 genes need at least 90 pixels, not 8×8; use size 10"):
+        L.DeepInsightLayout(size=8, feature_extractor="pca", discretization=discretization).fit(x)
+
+
+@pytest.mark.parametrize("method, params", COLLISION_FREE)
+def test_collision_free_layouts_survive_save_load_and_checkpoints(tmp_path, method, params):
+    from napari_omicsimage.checkpoint import layout_state, restore_layout
+
+    x, _ = _structured()
+    genes = [f"g{i}" for i in range(x.shape[1])]
+    layout = L.make_layout(method, **params).fit(x, genes)
+    L.save_layout(layout, tmp_path / "layout.npz")
+    for again in (L.load_layout(tmp_path / "layout.npz"), restore_layout(*layout_state(layout))):
+        assert type(again) is type(layout) and again.size == layout.size
+        assert again.requested_size is None and list(again.genes_) == genes
+        np.testing.assert_array_equal(again.transform(x), layout.transform(x))
+        assert again.collisions() == 0 and again.describe() == layout.describe()
 
 
 def test_bad_layout_options():
@@ -194,6 +301,10 @@ def test_bad_layout_options():
         L.DeepInsightLayout(size=1)
     with pytest.raises(OmicsInputError, match="unknown grid order"):
         L.GridLayout(order="alphabet")
+    with pytest.raises(OmicsInputError, match="unknown discretisation"):
+        L.FotomicsLayout(discretization="round")
+    with pytest.raises(OmicsInputError, match="sigma must be positive"):
+        L.SOMLayout(sigma=0)
     with pytest.raises(OmicsInputError, match="at least 2 training samples"):
         L.FotomicsLayout().fit(np.ones((1, 5)))
     with pytest.raises(RuntimeError, match="not fitted"):

@@ -84,9 +84,52 @@ def test_saliency_enters_the_hover_text_relative_to_the_maximum(known_adata):
     report = imageset.report("images", 0, 0, sample=2)
     assert report.table["saliency"].iloc[0] == pytest.approx(0.25)
     assert "saliency 0.25" in report.status()
-    table = imageset.gene_table()
-    assert table["gene"].iloc[0] == "G11" and table["saliency"].iloc[0] == pytest.approx(1.0)
+    table = imageset.gene_table()  # no gene attribution computed: ranked by pixel saliency
+    assert table["gene"].iloc[0] == "G11" and table["pixel_saliency"].iloc[0] == pytest.approx(1.0)
     assert table["gene"].iloc[1] == "G00"
+
+
+def _attribution(values, method="integrated-gradients"):
+    from napari_omicsimage.attribution import GeneAttribution
+
+    values = np.asarray(values, dtype=np.float32)
+    return GeneAttribution(method=method, genes=np.array(GENES, dtype=object), values=values,
+                           target=np.zeros(len(values), dtype=np.int64), baseline="mean",
+                           baseline_values=np.zeros(values.shape[1], np.float32))
+
+
+def test_hover_of_a_shared_pixel_lists_its_genes_in_attribution_order(known_adata):
+    """Four genes share each pixel of a 2×2 grid; pixel saliency ties them, their own attributions do not."""
+    imageset = grid_imageset(known_adata, size=2)
+    values = np.zeros((24, 16), dtype=np.float32)
+    values[3, [4, 5, 6, 7]] = [0.1, -0.8, 0.3, -0.05]  # pixel (0, 1) of sample 3
+    values[:, 0] = 2.0
+    maps = np.ones((24, 1, 2, 2), dtype=np.float32)
+    imageset.saliency = SaliencyView.from_predictions("gradient", maps, imageset.labels, imageset.labels,
+                                                      _attribution(values))
+    report = imageset.report("images", 0, 1, sample=3)
+    assert report.genes == ["G05", "G06", "G04", "G07"]  # by |attribution|, sign kept
+    assert report.table["attribution"].tolist() == pytest.approx([-0.8, 0.3, 0.1, -0.05])
+    assert report.table["saliency"].nunique() == 1  # the pixel's saliency is the same for all four
+    tooltip = report.tooltip().splitlines()
+    assert "G05" in tooltip[2] and "attribution -0.80" in tooltip[2] and "attribution +0.30" in tooltip[3]
+    assert report.status().index("G05 -0.80") < report.status().index("G06 +0.30")
+    imageset.current_sample = 3
+    table = imageset.gene_table()
+    assert table["gene"].head(3).tolist() == ["G00", "G05", "G06"]
+    assert table["pixel_saliency"].nunique() == 1
+    # the attribution layer: each pixel the summed attribution of its genes
+    assert imageset.attribution_image(values[3])[0, 1] == pytest.approx(0.1 - 0.8 + 0.3 - 0.05)
+    assert imageset.attribution_image(values[3])[0, 0] == pytest.approx(2.0)
+    # region export ranks by attribution too
+    regions = Regions((2, 2), [], np.array([[0, 1], [0, 0]]))
+    exported = region_gene_table(imageset.pixel_map, regions.masks(), saliency=maps[3],
+                                 expression=imageset.expression[3], attribution=values[3])
+    assert exported["gene"].tolist() == ["G05", "G06", "G04", "G07"]
+    # a class shown: its members' mean attribution
+    imageset.saliency.target_class = "A"
+    members = imageset.saliency.class_members["A"]
+    assert np.allclose(imageset.attribution_context(), values[members].mean(axis=0))
 
 
 def test_class_mosaic_pixels_map_back_to_class_and_pixel(known_adata):

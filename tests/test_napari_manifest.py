@@ -38,7 +38,7 @@ def test_manifest_contributes_reader_writers_sample_and_widgets():
     assert [s.key for s in contributions.sample_data] == ["pbmc68k_reduced"]
     titles = {w.display_name for w in contributions.widgets}
     assert {"1 Data", "2 Imagify", "3 Train / evaluate", "4 Load model", "5 Saliency", "Gene inspector",
-            "Annotate regions"} == titles
+            "Annotate regions", "Histology to expression"} == titles
 
 
 def test_entry_point_names_the_manifest():

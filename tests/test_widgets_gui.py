@@ -88,6 +88,14 @@ def test_imagify_size_follows_the_method_default_until_the_user_sets_one(make_na
     imagify.size_spin.setValue(40)  # the user's choice survives method changes
     imagify.method_combo.setCurrentText("rgb-embedding")
     assert imagify.layout_spec()["size"] == 40
+    imagify.size_spin.setValue(32)
+    imagify.method_combo.setCurrentText("deepinsight")
+    imagify.discretization_combo.setCurrentText("lsa")  # one gene per pixel: sized when the genes are known
+    assert imagify.layout_spec()["size"] is None and imagify.layout_spec()["discretization"] == "lsa"
+    imagify.discretization_combo.setCurrentText("bin")
+    assert imagify.layout_spec()["size"] == 32
+    imagify.method_combo.setCurrentText("som")
+    assert imagify.layout_spec() == {"method": "som", "size": None, "random_state": 0}
 
 
 def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_path, tmp_path):
@@ -259,27 +267,41 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     assert len(loader.table_frame) == 60 and "agreement with 'cell_type'" in loader.prediction_summary.text()
     assert set(table_column(loader.table, "correct")) <= {"yes", "no"}
 
+    assert saliency.gene_method_combo.currentText() == "integrated-gradients"  # the default
     saliency.method_combo.setCurrentText("gradient")
     saliency.run()
     wait(qtbot, saliency.task)
     layer = session.layer("saliency")
     assert layer.data.shape == (60, 8, 8) and layer.blending == "additive"
     assert float(layer.data.max()) == pytest.approx(1.0)
+    # the gene-attribution layer: summed signed attribution per pixel, symmetric about 0
+    attribution = session.layer("attribution")
+    assert attribution.visible and attribution.data.shape == (60, 8, 8)
+    assert list(attribution.contrast_limits) == [-1.0, 1.0] and float(np.abs(attribution.data).max()) == 1.0
+    view = session.imageset.saliency
+    i = session.current_sample()
+    np.testing.assert_allclose(attribution.data[i] * np.abs(session.imageset.attribution_image(
+        view.attribution.values[i])).max(), session.imageset.attribution_image(view.attribution.values[i]),
+        rtol=1e-5, atol=1e-7)
     assert saliency.target_combo.currentText() == FOLLOW_SLIDER and len(saliency.table_frame) == 64
+    assert saliency.table_frame["attribution"].abs().is_monotonic_decreasing
+    assert "pixel_saliency" in saliency.table_frame.columns
     top = saliency.table_frame.iloc[0]
     saliency.table.selectRow(0)
     marker = session.layer("selected-gene")
     np.testing.assert_array_equal(marker.data, [[top["row"], top["col"]]])
-    # the hover text now carries saliency; a class view shows that class's mean map
+    # the hover text names the genes with their attribution; a class view shows that class's mean maps
     status = session.layer("images").get_status((0, top["row"], top["col"]), world=True)["coordinates"]
-    assert top["gene"] in status and "saliency" in status
-    view = session.imageset.saliency
+    assert top["gene"] in status and f"{top['attribution']:+.2f}" in status and "saliency" in status
     target = next(iter(view.per_class))
     saliency.target_combo.setCurrentText(target)
-    assert session.layer("saliency").data.shape == (8, 8)
+    assert session.layer("saliency").data.shape == (8, 8) and session.layer("attribution").data.shape == (8, 8)
     assert saliency.table_frame["shown"].iloc[0] == f"mean of class {target}"
-    # annotation tables are ranked by the saliency shown
+    members = view.class_members[target]
+    np.testing.assert_allclose(saliency.table_frame.set_index("gene").loc[list(trained.genes), "attribution"],
+                               view.attribution.values[members].mean(axis=0), rtol=1e-5, atol=1e-7)
+    # annotation tables are ranked by the gene attribution shown
     regions = annotate.new_shapes_layer()
     regions.add_rectangles(np.array([[-0.5, -0.5], [7.5, 7.5]]))
-    ranked = annotate.table_frame["saliency"].to_numpy()
+    ranked = annotate.table_frame["attribution"].abs().to_numpy()
     assert len(ranked) == 64 and np.all(np.diff(ranked) <= 1e-9)

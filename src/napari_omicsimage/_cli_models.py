@@ -8,7 +8,6 @@ without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -212,25 +211,10 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _file_stem(name: str, taken: set) -> str:
-    """A file-name-safe, unique version of a class name."""
-    import re
-
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "class"
-    candidate, n = stem, 2
-    while candidate in taken:
-        candidate, n = f"{stem}_{n}", n + 1
-    taken.add(candidate)
-    return candidate
-
-
 def cmd_explain(args) -> int:
-    import numpy as np
-    import pandas as pd
-
     from .checkpoint import load_checkpoint
     from .cli import check_out, command_inputs, load_input
-    from .explain import _NO_GENE_MAP, explain
+    from .explain import _NO_GENE_MAP, explain, write_explanation
     from .outputs import write_output_dir
 
     out = check_out(args, "dir")
@@ -244,51 +228,17 @@ def cmd_explain(args) -> int:
         raise OmicsInputError(f"explain keeps a saliency map per sample in memory, too much for "
                               f"{adata.n_obs:,} cells; explain a subset of the cells (write it with "
                               "adata[cells].write_h5ad) or pass --backed no if it fits.")
-    result = explain(trained, adata, args.method, label_column, **_max_missing(args))
+    result = explain(trained, adata, args.method, label_column, pixel_method=args.pixel_method,
+                     baseline=args.baseline, n_steps=args.steps, **_max_missing(args))
     _report_missing(trained)
 
     def fill(tmp: Path) -> None:
-        np.save(tmp / "saliency.npy", result.saliency.astype(np.float32))
-        np.save(tmp / "saliency_max.npy", result.saliency.max(axis=1).astype(np.float32))
-        samples = pd.DataFrame({"sample": result.samples})
-        if result.true is not None:
-            samples["true"] = result.true
-        samples["predicted"] = result.predicted
-        for k, name in enumerate(result.classes):
-            samples[f"prob_{name}"] = result.proba[:, k]
-        samples.to_csv(tmp / "samples.csv", index=False)
-        top = []
-        for i, sample in enumerate(result.samples):
-            table = result.sample_table(trained.layout, i).head(args.top_genes)
-            table.insert(0, "sample", sample)
-            table.insert(1, "predicted", result.predicted[i])
-            top.append(table)
-        pd.concat(top, ignore_index=True).to_csv(tmp / "sample_top_genes.csv", index=False)
-        files, taken, class_maps = {}, set(), []
-        for name in result.class_members:
-            stem = _file_stem(name, taken)
-            result.class_table(trained.layout, name).to_csv(tmp / f"genes_{stem}.csv", index=False)
-            files[name] = f"genes_{stem}.csv"
-            class_maps.append(result.class_saliency(name))
-        if class_maps:
-            np.save(tmp / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
-        summary = {"method": args.method, "grouping": result.grouping,
-                   "classes": [{"class": name, "n_samples": len(result.class_members[name]),
-                                "gene_table": files[name], "class_saliency_index": i}
-                               for i, name in enumerate(result.class_members)],
-                   "classes_without_samples": [c for c in result.classes if c not in result.class_members],
-                   "n_missing_genes": len(getattr(trained, "missing_genes_", [])),
-                   "saliency_shape": list(result.saliency.shape), "layout": trained.layout.describe(),
-                   "files": {"saliency.npy": "per-sample attribution (N, C, H, W), target = predicted class",
-                             "saliency_max.npy": "the paper's map M: maximum over channels (N, H, W)",
-                             "class_saliency.npy": "per-class mean attribution (classes as listed, C, H, W)",
-                             "samples.csv": "predictions per sample",
-                             "sample_top_genes.csv": f"top {args.top_genes} genes per sample",
-                             "genes_<class>.csv": "all genes ranked per class"}}
-        (tmp / "explain.json").write_text(json.dumps(summary, indent=2))
+        write_explanation(result, trained.layout, tmp, top_genes=args.top_genes,
+                          n_missing_genes=len(getattr(trained, "missing_genes_", [])))
 
     write_output_dir(out, fill, overwrite=args.overwrite, inputs=command_inputs(args))
-    print(f"{args.method} saliency of {len(result.samples)} samples ({result.grouping})")
+    print(f"{args.method} gene attribution and {args.pixel_method} pixel saliency of {len(result.samples)} "
+          f"samples ({result.grouping})")
     for name, members in result.class_members.items():
         table = result.class_table(trained.layout, name)
         print(f"  {name} ({len(members)} samples): top genes {', '.join(table['gene'].head(5))}")
@@ -322,6 +272,7 @@ def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool)
 # ----------------------------------------------------------------- register
 def register(sub) -> None:
     """Add the model commands to the ``omicsimage`` parser."""
+    from .attribution import BASELINES, DEFAULT_BASELINE, DEFAULT_GENE_METHOD, DEFAULT_STEPS, GENE_METHODS
     from .cli import OVERWRITE_HELP, add_input_arguments, add_layout_arguments
     from .explain import SALIENCY_METHODS
 
@@ -365,11 +316,21 @@ def register(sub) -> None:
     predict.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     predict.set_defaults(func=cmd_predict)
 
-    explain = sub.add_parser("explain", help="saliency maps and ranked gene tables per class")
+    explain = sub.add_parser("explain", help="genes ranked by attribution per class, and pixel saliency maps")
     explain.add_argument("model_file", metavar="MODEL_FILE", help="checkpoint written by `omicsimage train`")
     _add_predict_input_arguments(explain)
-    explain.add_argument("--method", choices=SALIENCY_METHODS, default="gradient",
-                         help="attribution method (default gradient: the paper's vanilla saliency)")
+    explain.add_argument("--method", choices=GENE_METHODS, default=DEFAULT_GENE_METHOD,
+                         help=f"gene attribution method, through the renderer onto each gene (default "
+                              f"{DEFAULT_GENE_METHOD}); genes are ranked by it")
+    explain.add_argument("--baseline", choices=BASELINES, default=DEFAULT_BASELINE,
+                         help="baseline of integrated-gradients / gradient-shap: mean (default: the training "
+                              "samples' mean profile) or zeros (every gene at its training minimum)")
+    explain.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                         help=f"integrated-gradients steps per sample (default {DEFAULT_STEPS}; samples that miss "
+                              "completeness by over 1%% are redone with more)")
+    explain.add_argument("--pixel-method", choices=SALIENCY_METHODS, default="gradient",
+                         help="the paper's pixel saliency, saved as maps and as the pixel_saliency column "
+                              "(default gradient: the paper's vanilla saliency)")
     explain.add_argument("--top-genes", type=int, default=50,
                          help="genes per sample in sample_top_genes.csv (default 50)")
     explain.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")

@@ -44,7 +44,8 @@ class Mosaic:
         n_rows = max(1, round(math.sqrt(n_classes / 1.5)))
         n_cols = math.ceil(n_classes / n_rows)
         h, w = tile
-        return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.3)), max(1, round(w * 0.08))))
+        # the band above each tile holds its class name on up to two lines (see _layers.class_name_labels)
+        return cls(n_rows, n_cols, (h, w), (max(2, round(h * 0.45)), max(1, round(w * 0.08))))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,13 +81,14 @@ class Mosaic:
 
 @dataclass
 class PixelReport:
-    """The genes in one pixel, with their expression and saliency in one context."""
+    """The genes in one pixel, with their expression, gene attribution and pixel saliency in one context."""
 
     row: int
     col: int
     #: what the expression values refer to, e.g. ``sample X (label Y)`` or ``mean of class Y``
     context: str
-    #: columns ``channel, gene, expression, saliency``; highest saliency (then expression) first
+    #: columns ``channel, gene, expression, attribution, saliency``; largest ``|attribution|`` first
+    #: (without attribution: highest saliency, then expression)
     table: pd.DataFrame
 
     @property
@@ -98,14 +100,20 @@ class PixelReport:
         if self.table.empty:
             return f"({self.row}, {self.col}): no gene in this pixel"
         parts = []
+        has_attribution = bool(np.isfinite(self.table["attribution"]).any())
         for channel, group in self.table.groupby("channel", sort=False):
-            names = [f"{g} {e:.2f}" for g, e in zip(group["gene"][:max_genes], group["expression"][:max_genes])]
+            if has_attribution:
+                names = [f"{g} {a:+.2f}" for g, a in zip(group["gene"][:max_genes], group["attribution"][:max_genes])]
+            else:
+                names = [f"{g} {e:.2f}" for g, e in zip(group["gene"][:max_genes],
+                                                         group["expression"][:max_genes])]
             more = f" +{len(group) - max_genes} more" if len(group) > max_genes else ""
             prefix = f"{channel}: " if channel else ""
             parts.append(prefix + ", ".join(names) + more)
         saliency = self.table["saliency"].max()
-        sal = "" if not np.isfinite(saliency) else f" | saliency {saliency:.2f}"
-        return f"{len(self.table)} gene(s): " + " | ".join(parts) + sal + f" ({self.context})"
+        sal = "" if not np.isfinite(saliency) else f" | pixel saliency {saliency:.2f}"
+        what = " (attribution)" if has_attribution else ""
+        return f"{len(self.table)} gene(s){what}: " + " | ".join(parts) + sal + f" ({self.context})"
 
     def tooltip(self, max_genes: int = 12) -> str:
         """Several lines for the canvas tooltip: one gene per line."""
@@ -113,13 +121,18 @@ class PixelReport:
         if self.table.empty:
             return lines[0] + "\nno gene in this pixel"
         has_saliency = bool(np.isfinite(self.table["saliency"]).any())
+        has_attribution = bool(np.isfinite(self.table["attribution"]).any())
         n = len(self.table)
         lines.append(f"{n} gene{'s' if n > 1 else ''}: expression (0–1)"
-                     + (", saliency (share of the image's maximum)" if has_saliency else ""))
+                     + (", gene attribution (+ for / − against the class explained)"
+                        if has_attribution else "")
+                     + (", pixel saliency (share of the image's maximum)" if has_saliency else ""))
         for rec in self.table.head(max_genes).itertuples():
             channel = f"[{rec.channel}] " if rec.channel else ""
+            attr = (f"   attribution {rec.attribution:+.2f}"
+                    if has_attribution and np.isfinite(rec.attribution) else "")
             sal = f"   saliency {rec.saliency:.2f}" if has_saliency and np.isfinite(rec.saliency) else ""
-            lines.append(f"  {channel}{rec.gene}   {rec.expression:.2f}{sal}")
+            lines.append(f"  {channel}{rec.gene}   {rec.expression:.2f}{attr}{sal}")
         if n > max_genes:
             lines.append(f"  … {n - max_genes} more (see the gene inspector)")
         return "\n".join(lines)
@@ -132,14 +145,17 @@ def pixel_genes(
     *,
     expression: np.ndarray | None = None,
     saliency: np.ndarray | None = None,
+    attribution: np.ndarray | None = None,
     channel_names: tuple[str, ...] | list[str] | None = None,
 ) -> pd.DataFrame:
     """The genes drawn in pixel ``(row, col)`` of every channel.
 
-    ``expression`` is one value per gene (a sample, or a class mean);
-    ``saliency`` a ``(C, H, W)`` map, whose value at the gene's pixel is the
-    gene's saliency.  Returns ``channel, gene, expression, saliency`` rows,
-    highest saliency first, then highest expression.
+    ``expression`` and ``attribution`` (signed gene attribution) are one value
+    per gene (a sample, or a class mean); ``saliency`` a ``(C, H, W)`` map,
+    whose value at the gene's pixel is the gene's pixel saliency (the same for
+    all genes of the pixel).  Returns ``channel, gene, expression, attribution,
+    saliency`` rows, largest ``|attribution|`` first (pixel-mates told apart),
+    then highest saliency, then highest expression.
     """
     names = channel_names or ([""] if pixel_map.n_channels == 1 else [str(c) for c in range(pixel_map.n_channels)])
     frames = []
@@ -148,43 +164,56 @@ def pixel_genes(
         if len(idx) == 0:
             continue
         expr = np.asarray(expression, dtype=float)[idx] if expression is not None else np.full(len(idx), np.nan)
+        attr = np.asarray(attribution, dtype=float)[idx] if attribution is not None else np.full(len(idx), np.nan)
         sal = float(saliency[c, row, col]) if saliency is not None else np.nan
         frames.append(pd.DataFrame({"channel": names[c], "gene": pixel_map.genes[idx],
-                                    "expression": expr, "saliency": sal}))
+                                    "expression": expr, "attribution": attr, "saliency": sal}))
     if not frames:
         return pd.DataFrame({"channel": pd.Series(dtype=str), "gene": pd.Series(dtype=str),
-                             "expression": pd.Series(dtype=float), "saliency": pd.Series(dtype=float)})
+                             "expression": pd.Series(dtype=float), "attribution": pd.Series(dtype=float),
+                             "saliency": pd.Series(dtype=float)})
     table = pd.concat(frames, ignore_index=True)
-    return table.sort_values(["saliency", "expression"], ascending=False, na_position="last",
-                             kind="stable", ignore_index=True)
+    table["_magnitude"] = table["attribution"].abs()
+    table = table.sort_values(["_magnitude", "saliency", "expression"], ascending=False, na_position="last",
+                              kind="stable", ignore_index=True)
+    return table.drop(columns="_magnitude")
 
 
 @dataclass
 class SaliencyView:
-    """Saliency of the loaded samples and what the saliency layer currently shows."""
+    """Gene attribution and pixel saliency of the loaded samples, and what the layers currently show."""
 
+    #: pixel saliency method (the paper's maps)
     method: str
-    #: ``(N, C, H, W)`` raw attributions of every loaded sample (target: the model's predicted class)
+    #: ``(N, C, H, W)`` raw pixel saliency of every loaded sample (target: the model's predicted class)
     per_sample: np.ndarray
     #: the class each sample was explained for (the model's prediction)
     predicted: np.ndarray | None = None
-    #: ``(N, G)`` exact gradient magnitude per gene through the renderer (tells apart genes sharing a pixel)
-    gene_gradients: np.ndarray | None = None
+    #: signed gene attribution of every loaded sample (:class:`~napari_omicsimage.attribution.GeneAttribution`,
+    #: same targets); None for layouts without genes
+    attribution: object = None
     #: class → indices of the samples averaged into its map
     class_members: dict[str, np.ndarray] = field(default_factory=dict)
     #: how class members were chosen
     grouping: str = ""
-    #: ``None``: the layer follows the sample slider; else the class whose mean map is shown
+    #: ``None``: the layers follow the sample slider; else the class whose mean map is shown
     target_class: str | None = None
 
     def __post_init__(self):
-        #: class → ``(C, H, W)`` mean attribution over its members
+        #: class → ``(C, H, W)`` mean pixel saliency over its members
         self.per_class = {name: self.per_sample[idx].mean(axis=0) for name, idx in self.class_members.items()
                           if len(idx)}
+        #: class → ``(G,)`` mean signed gene attribution over its members
+        self.per_class_attribution = {} if self.attribution is None else {
+            name: self.attribution.values[idx].mean(axis=0) for name, idx in self.class_members.items() if len(idx)}
+
+    @property
+    def gene_method(self) -> str | None:
+        return None if self.attribution is None else self.attribution.method
 
     @classmethod
     def from_predictions(cls, method: str, per_sample: np.ndarray, predicted, labels=None,
-                         gene_gradients: np.ndarray | None = None) -> SaliencyView:
+                         attribution=None) -> SaliencyView:
         """Group samples by class: correctly predicted ones when labels are known (the paper's
         class-level maps), else those predicted as the class."""
         predicted = np.asarray(predicted, dtype=object).astype(str)
@@ -195,7 +224,7 @@ class SaliencyView:
         else:
             members = {c: np.flatnonzero(predicted == c) for c in sorted(set(predicted))}
             grouping = "mean over the samples predicted as the class (no labels)"
-        return cls(method, per_sample, predicted, gene_gradients, members, grouping)
+        return cls(method, per_sample, predicted, attribution, members, grouping)
 
 
 @dataclass
@@ -305,6 +334,40 @@ class ImageSet:
             return None
         return relative(self.saliency.per_class[name])
 
+    def attribution_for_sample(self, i: int) -> np.ndarray | None:
+        """``(G,)`` signed gene attribution of sample ``i`` (for its predicted class), or None."""
+        if self.saliency is None or self.saliency.attribution is None:
+            return None
+        return self.saliency.attribution.values[i]
+
+    def attribution_for_class(self, name: str) -> np.ndarray | None:
+        """``(G,)`` mean signed gene attribution of a class's members, or None."""
+        if self.saliency is None:
+            return None
+        return self.saliency.per_class_attribution.get(name)
+
+    def attribution_context(self, sample: int | None = None) -> np.ndarray | None:
+        """The gene attribution of what is shown now: the class mean or the slider's sample (see :meth:`context`)."""
+        target = self.saliency.target_class if self.saliency is not None else None
+        if target is not None:
+            return self.attribution_for_class(target)
+        i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
+        return self.attribution_for_sample(i)
+
+    def attribution_image(self, attribution: np.ndarray) -> np.ndarray:
+        """``(H, W)``: each pixel the summed signed attribution of its genes.
+
+        A gene drawn in several channels (RGB layouts) puts an equal share in
+        each of its pixels, so the image sums to the sample's total attribution.
+        """
+        pixel_map = self.pixel_map
+        placed = pixel_map.flat >= 0  # (C, G)
+        shares = np.asarray(attribution, dtype=np.float64) / np.maximum(placed.sum(axis=0), 1)
+        image = np.zeros(pixel_map.n_channels * self.shape[0] * self.shape[1])
+        channel, gene = np.nonzero(placed)
+        np.add.at(image, pixel_map.flat[channel, gene], shares[gene])
+        return image.reshape(pixel_map.n_channels, *self.shape).sum(axis=0).astype(np.float32)
+
     def context(self, sample: int | None = None) -> tuple[np.ndarray | None, np.ndarray, str]:
         """``(saliency (C, H, W) relative or None, expression (G,), description)`` of what is shown.
 
@@ -320,17 +383,16 @@ class ImageSet:
         return self.saliency_for_sample(i), self.expression[i], f"sample {self.samples[i]}{label}"
 
     def gene_table(self) -> pd.DataFrame:
-        """Every gene ranked by the saliency shown now (a sample, or a class mean).
+        """Every gene ranked by the gene attribution shown now (a sample, or a class mean).
 
-        Uses :func:`napari_omicsimage.explain.gene_table` (saliency at the
-        gene's pixel, best channel; ``gene_gradient`` separates genes sharing
-        a pixel) on the relative saliency.  Without saliency, genes are ranked
-        by expression.  The ``shown`` column says which sample or class.
+        Uses :func:`napari_omicsimage.explain.gene_table`: ranked by
+        ``|attribution|`` (sign kept), the relative pixel saliency beside it.
+        Without a computed explanation, genes are ranked by expression.  The
+        ``shown`` column says which sample or class.
         """
         if self.pixel_map is None:
             raise OmicsInputError("these images have no gene map (published RGB method): no gene table.")
         saliency, expression, context = self.context()
-        view = self.saliency
         if saliency is None or self.layout is None:
             table = pd.DataFrame({"gene": self.pixel_map.genes, "expression": expression})
             table = table.sort_values("expression", ascending=False, kind="stable", ignore_index=True)
@@ -338,13 +400,7 @@ class ImageSet:
         else:
             from .explain import gene_table
 
-            gradients = None
-            if view.gene_gradients is not None:
-                if view.target_class is not None:
-                    gradients = view.gene_gradients[view.class_members[view.target_class]].mean(axis=0)
-                else:
-                    gradients = view.gene_gradients[self.current_sample]
-            table = gene_table(self.layout, saliency, expression, gene_gradients=gradients)
+            table = gene_table(self.layout, saliency, expression, attribution=self.attribution_context())
             names = np.asarray(self.channel_names, dtype=object)
             table["channel"] = np.where(table["channel"] >= 0, names[np.maximum(table["channel"], 0)], "")
         table.insert(0, "shown", context)
@@ -372,12 +428,14 @@ class ImageSet:
             context = f"mean of class {name}"
             expression = self.class_expression[k]
             saliency = self.saliency_for_class(name)
+            attribution = self.attribution_for_class(name)
         else:
             if not (0 <= row < h and 0 <= col < w):
                 return None
             shown_class = self.saliency.target_class if self.saliency is not None else None
-            if role == "saliency" and shown_class is not None:
+            if role in ("saliency", "attribution") and shown_class is not None:
                 saliency, expression, context = self.context()
+                attribution = self.attribution_context()
             else:
                 # the sample's own saliency, even while the saliency layer shows a class mean
                 i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
@@ -385,8 +443,9 @@ class ImageSet:
                 context = f"sample {self.samples[i]}{label}"
                 expression = self.expression[i]
                 saliency = self.saliency_for_sample(i)
+                attribution = self.attribution_for_sample(i)
         table = pixel_genes(self.pixel_map, row, col, expression=expression, saliency=saliency,
-                            channel_names=self.channel_names)
+                            attribution=attribution, channel_names=self.channel_names)
         return PixelReport(row, col, context, table)
 
 

@@ -2,10 +2,15 @@
 
 A region is a polygon, rectangle or ellipse drawn on the image (napari Shapes)
 or the pixels painted with one label value (napari Labels).  A pixel belongs
-to a region when its *centre* lies inside the shape — napari draws pixel
-``(r, c)`` as the square ``[r-½, r+½] × [c-½, c+½]``, so that is the pixel the
-user sees covered.  The genes of a region are those whose pixel is inside it
-(:meth:`PixelMap.genes_in_mask`), ranked by saliency.
+to a region when its *centre* lies inside the shape **or on its boundary** —
+napari draws pixel ``(r, c)`` as the square ``[r-½, r+½] × [c-½, c+½]``, so
+the centre is the pixel the user sees covered, and a shape snapped to pixel
+centres (a rectangle from ``(1, 1)`` to ``(3, 4)``) holds every pixel it
+touches, on all four sides alike.  "On" means within :data:`EDGE_TOLERANCE`
+pixels of an edge; ellipses are tested exactly (the ellipse inscribed in the
+shape's four bounding corners), not through a polygon.  The genes of a region
+are those whose pixel is inside it (:meth:`PixelMap.genes_in_mask`), ranked
+by gene attribution (by pixel saliency when no attribution is given).
 
 Region files are small JSON documents (no pickles) that the napari reader
 contribution turns back into a Shapes or Labels layer.
@@ -30,25 +35,21 @@ AREA_SHAPES = ("polygon", "rectangle", "ellipse")
 #: shapes that enclose no area: they select no pixel
 LINE_SHAPES = ("line", "path")
 
-GENE_TABLE_COLUMNS = ["region", "rank", "gene", "saliency", "expression", "channel", "row", "col"]
+GENE_TABLE_COLUMNS = ["region", "rank", "gene", "attribution", "saliency", "expression", "channel", "row", "col"]
+#: a pixel centre within this distance (in pixels) of a shape's edge is on the edge, so it is included;
+#: it absorbs floating-point noise in the vertices napari reports, and nothing a user can draw
+EDGE_TOLERANCE = 1e-6
 
 
 # ------------------------------------------------------------------ masks
-def ellipse_polygon(corners: np.ndarray, n_points: int = 128) -> np.ndarray:
-    """Polygon approximating the ellipse inscribed in napari's 4 bounding-box corners."""
-    corners = np.asarray(corners, dtype=float)
-    centre = corners.mean(axis=0)
-    half_a = (corners[1] - corners[0]) / 2.0
-    half_b = (corners[3] - corners[0]) / 2.0
-    t = np.linspace(0.0, 2.0 * np.pi, n_points, endpoint=False)
-    return centre + np.cos(t)[:, None] * half_a + np.sin(t)[:, None] * half_b
-
-
 def shape_mask(shape_type: str, vertices, image_shape: tuple[int, int]) -> np.ndarray:
-    """Boolean ``(H, W)`` mask of the pixels whose centre lies inside one shape.
+    """Boolean ``(H, W)`` mask of the pixels whose centre lies inside one shape or on its boundary.
 
     ``vertices`` are ``(row, col)`` data coordinates (extra leading coordinates,
-    e.g. a sample axis, are dropped).  Lines and paths select nothing.
+    e.g. a sample axis, are dropped).  Rectangles and polygons: inside the
+    polygon, or within :data:`EDGE_TOLERANCE` of one of its edges.  Ellipses:
+    the ellipse inscribed in napari's four bounding-box corners, boundary
+    included.  Lines and paths select nothing.
     """
     h, w = image_shape
     vertices = np.asarray(vertices, dtype=float)
@@ -59,11 +60,47 @@ def shape_mask(shape_type: str, vertices, image_shape: tuple[int, int]) -> np.nd
         return np.zeros((h, w), dtype=bool)
     if shape_type not in AREA_SHAPES:
         raise OmicsInputError(f"unknown region shape {shape_type!r}; use one of {AREA_SHAPES}.")
-    polygon = ellipse_polygon(vertices) if shape_type == "ellipse" else vertices
     rows, cols = np.mgrid[0:h, 0:w]
     centres = np.column_stack([rows.ravel(), cols.ravel()]).astype(float)
-    inside = PolygonPath(polygon).contains_points(centres)
+    if shape_type == "ellipse":
+        inside = _in_ellipse(vertices, centres)
+    else:
+        inside = PolygonPath(vertices).contains_points(centres) | _on_edges(vertices, centres)
     return inside.reshape(h, w)
+
+
+def _in_ellipse(corners: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Points inside or on the ellipse inscribed in the parallelogram of 4 corners (napari's order)."""
+    if len(corners) != 4:
+        raise OmicsInputError(f"an ellipse region needs its 4 bounding-box corners, got {len(corners)} vertices.")
+    centre = corners.mean(axis=0)
+    axes = np.column_stack([(corners[1] - corners[0]) / 2.0, (corners[3] - corners[0]) / 2.0])  # half-axes
+    if abs(np.linalg.det(axes)) < 1e-12:  # flat: the ellipse is a segment between two corners
+        return _on_edges(corners, points)
+    # each point in the ellipse's own coordinates, where the ellipse is the unit circle
+    s, t = np.linalg.solve(axes, (points - centre).T)
+    radius = np.hypot(s, t)
+    # tolerance in pixels along the shorter half-axis, so "on the edge" means the same as for polygons
+    scale = float(min(np.linalg.norm(axes, axis=0)))
+    return radius <= 1.0 + EDGE_TOLERANCE / max(scale, EDGE_TOLERANCE)
+
+
+def _on_edges(polygon: np.ndarray, points: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Points within :data:`EDGE_TOLERANCE` of a closed polygon's edges."""
+    start = polygon
+    direction = np.roll(polygon, -1, axis=0) - start
+    length2 = (direction ** 2).sum(axis=1)
+    length2 = np.where(length2 > 0, length2, 1.0)  # a repeated vertex: its "edge" is the vertex itself
+    lo, hi = polygon.min(axis=0) - EDGE_TOLERANCE, polygon.max(axis=0) + EDGE_TOLERANCE
+    near = np.flatnonzero(((points >= lo) & (points <= hi)).all(axis=1))  # only the bounding box can be on it
+    out = np.zeros(len(points), dtype=bool)
+    for first in range(0, len(near), chunk):
+        index = near[first:first + chunk]
+        offset = points[index, None, :] - start[None]  # (P, E, 2)
+        along = np.clip((offset * direction[None]).sum(axis=-1) / length2[None], 0.0, 1.0)
+        gap = offset - along[..., None] * direction[None]
+        out[index] = ((gap ** 2).sum(axis=-1) <= EDGE_TOLERANCE ** 2).any(axis=1)
+    return out
 
 
 def labels_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -124,14 +161,16 @@ def region_gene_table(
     *,
     saliency: np.ndarray | None = None,
     expression: np.ndarray | None = None,
+    attribution: np.ndarray | None = None,
     channel_names: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Genes inside each region, ranked by saliency (then expression).
+    """Genes inside each region, ranked by ``|attribution|`` (sign kept), else by saliency (then expression).
 
-    ``saliency`` is a ``(C, H, W)`` map (its value at a gene's pixel is the
-    gene's saliency); ``expression`` one value per gene.  A gene inside a
-    region in several channels is listed once, with its most salient pixel.
-    Columns: ``region, rank, gene, saliency, expression, channel, row, col``.
+    ``attribution`` (signed gene attribution) and ``expression`` are one value
+    per gene; ``saliency`` is a ``(C, H, W)`` pixel-saliency map (its value at
+    a gene's pixel is the gene's pixel saliency).  A gene inside a region in
+    several channels is listed once, with its most salient pixel.  Columns:
+    ``region, rank, gene, attribution, saliency, expression, channel, row, col``.
     """
     names = channel_names or ([""] if pixel_map.n_channels == 1 else [str(c) for c in range(pixel_map.n_channels)])
     if saliency is not None and tuple(np.shape(saliency)) != (pixel_map.n_channels, *pixel_map.shape):
@@ -149,6 +188,7 @@ def region_gene_table(
             rows, cols = pixel_map.gene_pixels[c, idx, 0], pixel_map.gene_pixels[c, idx, 1]
             parts.append(pd.DataFrame({
                 "gene": pixel_map.genes[idx],
+                "attribution": np.asarray(attribution, dtype=float)[idx] if attribution is not None else np.nan,
                 "saliency": saliency[c, rows, cols] if saliency is not None else np.nan,
                 "expression": np.asarray(expression, dtype=float)[idx] if expression is not None else np.nan,
                 "channel": names[c], "row": rows, "col": cols,
@@ -157,7 +197,10 @@ def region_gene_table(
             continue
         genes = pd.concat(parts, ignore_index=True)
         genes = genes.sort_values(["saliency", "expression"], ascending=False, na_position="last", kind="stable")
-        genes = genes.drop_duplicates("gene", keep="first").reset_index(drop=True)
+        genes = genes.drop_duplicates("gene", keep="first")  # its most salient pixel
+        if attribution is not None:
+            genes = genes.iloc[np.argsort(-genes["attribution"].abs().to_numpy(), kind="stable")]
+        genes = genes.reset_index(drop=True)
         genes.insert(0, "region", region)
         genes.insert(1, "rank", np.arange(1, len(genes) + 1))
         frames.append(genes)

@@ -76,7 +76,7 @@ def _region_genes(regions: Regions, meta: dict) -> pd.DataFrame:
             "draw regions with the Annotate widget over imagified data.")
     saliency, expression, _ = imageset.context()
     return region_gene_table(imageset.pixel_map, regions.masks(), saliency=saliency, expression=expression,
-                             channel_names=imageset.channel_names)
+                             attribution=imageset.attribution_context(), channel_names=imageset.channel_names)
 
 
 def write_shapes_genes(path: str, data, meta: dict) -> list[str]:
@@ -94,7 +94,8 @@ def write_labels_genes(path: str, data, meta: dict) -> list[str]:
 
 
 def image_gene_table(imageset) -> pd.DataFrame:
-    """Every gene of the images ranked by the saliency shown (sample or class), with expression."""
+    """Every gene of the images ranked by the gene attribution shown (sample or class), with pixel saliency
+    and expression beside it."""
     return imageset.gene_table()
 
 

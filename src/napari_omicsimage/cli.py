@@ -59,12 +59,14 @@ def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str
 
     parser.add_argument("--method", choices=METHODS, default=default_method, help="how samples become images")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side in pixels, at least 2 (default: 32; grid: smallest square; "
-                             "rgb-embedding: 128); sizes whose images would not fit in memory are refused")
+                        help="image side in pixels, at least 2 (default: 32; grid, som and the lsa/ags "
+                             "discretisations: the smallest square with a pixel per gene; rgb-embedding: 128); "
+                             "sizes whose images would not fit in memory are refused")
     parser.add_argument("--extractor", choices=FEATURE_EXTRACTORS, default=None,
                         help="deepinsight: gene embedding (default tsne)")
     parser.add_argument("--discretization", choices=DISCRETIZATIONS, default=None,
-                        help="deepinsight/fotomics/rgb-layouts: coordinates → pixels (default bin)")
+                        help="deepinsight/fotomics/rgb-layouts: coordinates → pixels (default bin; lsa and ags "
+                             "give every gene its own pixel)")
     parser.add_argument("--order", choices=GRID_ORDERS, default=None, help="grid: gene order (default cluster)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
 
@@ -72,7 +74,7 @@ def add_layout_arguments(parser: argparse.ArgumentParser, *, default_method: str
 def layout_spec(args) -> dict:
     """``{"method", "size", **params}`` from parsed arguments (what layouts.make_layout takes)."""
     params = {}
-    if args.method in ("deepinsight", "rgb-layouts", "rgb-embedding"):
+    if args.method in ("deepinsight", "rgb-layouts", "rgb-embedding", "som"):
         params["random_state"] = args.seed
     if args.extractor is not None:
         if args.method != "deepinsight":
@@ -232,6 +234,9 @@ def _register_extra_commands(sub) -> None:
     from . import _cli_demo
 
     _cli_demo.register(sub)
+    from .histology import _cli as _cli_histology
+
+    _cli_histology.register(sub)
 
 
 def _command_name(argv) -> str:

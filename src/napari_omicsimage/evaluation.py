@@ -190,6 +190,20 @@ def _check_folds(labels: np.ndarray, folds: int) -> None:
         )
 
 
+def stratified_folds(labels, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train_idx, test_idx)`` per fold: shuffled stratified k-fold, fixed by the labels and ``seed``.
+
+    The one place folds are made, so benchmarks that train their own models per fold (explanations) use the
+    very folds :func:`cross_validate` scores.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels).astype(str)
+    _check_folds(labels, int(folds))
+    return list(StratifiedKFold(n_splits=int(folds), shuffle=True, random_state=int(seed))
+                .split(np.zeros(len(labels)), labels))
+
+
 # ====================================================================== CV
 def cross_validate(adata: ad.AnnData, label_column: str, layout_spec: dict, config: TrainConfig | None = None,
                    folds: int = 5, transductive: bool = False, progress: Progress | None = None,
@@ -283,16 +297,13 @@ def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: T
     at atlas scale :mod:`napari_omicsimage.streaming.cv`.
     """
     from sklearn.metrics import confusion_matrix
-    from sklearn.model_selection import StratifiedKFold
 
     device = resolve_device(config.device)
     labels = adata.obs[label_column].astype(str).to_numpy()
     classes = sorted(set(labels))
     y = class_indices(labels, classes)
     folds = int(folds)
-    _check_folds(labels, folds)
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(config.seed))
-                  .split(np.zeros(len(y)), y))
+    splits = stratified_folds(labels, folds, config.seed)
     notes = list(notes or [])
     fold_rows, baseline_rows = [], []
     confusions, baseline_confusions, loss_curves, batch_curves = [], [], [], []

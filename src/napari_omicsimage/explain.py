@@ -1,6 +1,14 @@
-"""Saliency maps and the genes behind them.
+"""Explanations: which genes drove each prediction, and the paper's pixel saliency beside them.
 
-Attribution methods (:data:`SALIENCY_METHODS`, computed with captum):
+Genes are ranked by **gene attribution** (:mod:`napari_omicsimage.attribution`):
+attribution through the renderer onto each gene's own expression, signed
+(positive = towards the class), ranked by magnitude.  Integrated Gradients from
+the training samples' mean profile is the default (:data:`~napari_omicsimage.attribution.GENE_METHODS`).
+Genes sharing a pixel get their own values.
+
+The seed paper's **pixel saliency** stays available as maps and as a column
+(``pixel_saliency``) beside the attribution.  Its methods (:data:`SALIENCY_METHODS`,
+computed with captum on the images):
 
 ``gradient``
     Vanilla gradient saliency exactly as the seed paper defines it (after
@@ -17,21 +25,18 @@ Attribution methods (:data:`SALIENCY_METHODS`, computed with captum):
     Grad-CAM on the last convolutional block, upsampled to the image.  It has
     no channel resolution: every channel gets the same map.
 
-Gene saliency (:func:`gene_table`) follows the paper: a gene's saliency is
-the saliency at the gene's pixel.  In multi-channel gene layouts each channel
-places the gene separately, so a gene takes each channel's value at its own
-pixel in that channel and is ranked by the maximum over channels (the channel
-is reported).  Because genes can share a pixel (their mean is drawn), the
-column ``gene_gradient`` adds the exact gradient with respect to the gene's
-own expression through the renderer, ``|A @ grad|`` with ``A`` the layout's
-averaging matrix: a gene sharing its pixel with three others gets a quarter
-of the pixel's gradient there, once per channel it appears in.
+A gene's pixel saliency follows the paper: the saliency at the gene's pixel.
+In multi-channel gene layouts each channel places the gene separately, so a
+gene takes each channel's value at its own pixel in that channel and the
+maximum over channels (the channel is reported).  All genes of a pixel share
+its value: pixel saliency cannot tell pixel-mates apart, gene attribution can.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -173,69 +178,70 @@ def gene_saliency(layout, sal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (values[0], channel[0]) if single else (values, channel)
 
 
-def gene_gradient(layout, gradient: np.ndarray) -> np.ndarray:
-    """``|A @ grad|``: exact gradient magnitude w.r.t. each gene's expression through the renderer.
+#: columns of every ranked gene table (explain, widgets, CLI); ``rank`` 1 = most important
+GENE_TABLE_COLUMNS = ["rank", "gene", "attribution", "contrastive", "pixel_saliency", "channel", "row", "col",
+                      "pixel_genes", "expression"]
 
-    ``gradient`` is the signed input gradient ``(N, C, H, W)`` or ``(C, H, W)``;
-    returns ``(N, G)`` or ``(G,)``.
+
+def gene_table(layout, sal_chw=None, x_sample=None, *, attribution=None, contrastive=None) -> pd.DataFrame:
+    """Genes ranked by ``|attribution|`` (sign kept) for one sample or one class.
+
+    ``attribution`` (``(G,)``, signed; :func:`~napari_omicsimage.attribution.gene_attributions`
+    or a class mean of it) ranks the genes; without it they are ranked by pixel
+    saliency, the paper's way.  Columns (:data:`GENE_TABLE_COLUMNS`): ``rank``,
+    ``gene``, ``attribution``, ``contrastive`` (the class's logit against the
+    mean of the others; NaN if not given), ``pixel_saliency`` (``sal_chw`` at
+    the gene's pixel, maximum over channels; NaN without a map), ``channel``,
+    ``row``, ``col`` (that channel's pixel; the first channel drawing the gene
+    without a map), ``pixel_genes`` (genes sharing the pixel) and
+    ``expression`` (``x_sample``: the preprocessed value).
     """
     pixel_map = _pixel_map(layout)
-    gradient = np.asarray(gradient, dtype=np.float64)
-    single = gradient.ndim == 3
-    flat = gradient.reshape(1 if single else len(gradient), -1)
-    values = np.abs(np.asarray(pixel_map.averaging_matrix() @ flat.T)).T  # (N, G)
-    return values[0] if single else values
-
-
-def gene_table(layout, sal_chw: np.ndarray, x_sample=None, *, gradient_chw=None,
-               gene_gradients=None) -> pd.DataFrame:
-    """Genes ranked by saliency for one image (or one class's mean saliency).
-
-    Columns: ``rank``, ``gene``, ``saliency`` (the saliency at the gene's
-    pixel, maximum over channels), ``channel``, ``row``, ``col`` (that
-    channel's pixel), ``pixel_genes`` (genes sharing the pixel),
-    ``expression`` (``x_sample``: the preprocessed value, NaN if not given) and
-    ``gene_gradient`` (from ``gradient_chw``, the signed input gradient, or
-    precomputed ``gene_gradients``; NaN if neither is given).
-    """
-    pixel_map = _pixel_map(layout)
-    values, channel = gene_saliency(layout, sal_chw)
     genes = pixel_map.genes
+    shape = (pixel_map.n_channels, *pixel_map.shape)
+    values, channel = gene_saliency(layout, np.zeros(shape) if sal_chw is None else sal_chw)
+    if sal_chw is None:
+        values = np.where(channel >= 0, np.nan, values)
     safe_channel = np.maximum(channel, 0)
     rows = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 0]
     cols = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 1]
     density = pixel_map.density()
     sharing = np.where(channel >= 0, density[safe_channel, np.maximum(rows, 0), np.maximum(cols, 0)], 0)
-    if gene_gradients is None:
-        gene_gradients = (gene_gradient(layout, gradient_chw) if gradient_chw is not None
-                          else np.full(len(genes), np.nan))
-    expression = (np.full(len(genes), np.nan) if x_sample is None
-                  else np.asarray(x_sample, dtype=np.float64).reshape(-1))
-    if expression.shape[0] != len(genes):
-        raise OmicsInputError(f"x_sample has {expression.shape[0]} values; the layout has {len(genes)} genes.")
-    frame = pd.DataFrame({"gene": genes, "saliency": values, "channel": channel,
+    columns = {}
+    for name, given in (("attribution", attribution), ("contrastive", contrastive), ("expression", x_sample)):
+        column = (np.full(len(genes), np.nan) if given is None
+                  else np.asarray(given, dtype=np.float64).reshape(-1))
+        if column.shape[0] != len(genes):
+            raise OmicsInputError(f"{name} has {column.shape[0]} values; the layout has {len(genes)} genes.")
+        columns[name] = column
+    frame = pd.DataFrame({"gene": genes, "attribution": columns["attribution"],
+                          "contrastive": columns["contrastive"], "pixel_saliency": values, "channel": channel,
                           "row": np.where(channel >= 0, rows, -1), "col": np.where(channel >= 0, cols, -1),
-                          "pixel_genes": sharing, "expression": expression,
-                          "gene_gradient": np.asarray(gene_gradients, dtype=np.float64)})
-    frame = frame.sort_values(["saliency", "gene_gradient"], ascending=False, na_position="last",
-                              kind="stable", ignore_index=True)
+                          "pixel_genes": sharing, "expression": columns["expression"]})
+    key = frame["attribution"].abs() if attribution is not None else frame["pixel_saliency"]
+    order = np.lexsort((-frame["pixel_saliency"].fillna(-np.inf).to_numpy(), -key.fillna(-np.inf).to_numpy()))
+    frame = frame.iloc[order].reset_index(drop=True)
     frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-    return frame
+    return frame[GENE_TABLE_COLUMNS]
 
 
 # ================================================================ explain a set
 @dataclass
 class Explanation:
-    """Saliency of a set of samples under a trained model, per sample and per class."""
+    """Gene attribution and pixel saliency of a set of samples, per sample and per class."""
 
+    #: gene attribution method (napari_omicsimage.attribution.GENE_METHODS)
     method: str
+    #: pixel saliency method (SALIENCY_METHODS)
+    pixel_method: str
     samples: np.ndarray
     classes: list[str]
     x: np.ndarray  # (N, G) preprocessed, gene-aligned
     images: np.ndarray  # (N, C, H, W)
     proba: np.ndarray  # (N, K)
-    saliency: np.ndarray  # (N, C, H, W), target = predicted class
-    gene_gradients: np.ndarray | None  # (N, G) |A @ grad|, None for layouts without genes
+    saliency: np.ndarray  # (N, C, H, W) pixel saliency, target = predicted class
+    #: signed gene attribution (target = predicted class, with contrastive scores); None without a gene map
+    attribution: Any = None
     true: np.ndarray | None = None
     #: class → indices of the samples averaged for it
     class_members: dict[str, np.ndarray] = field(default_factory=dict)
@@ -247,46 +253,75 @@ class Explanation:
         return np.asarray(self.classes, dtype=object)[self.proba.argmax(1)]
 
     def class_saliency(self, name: str) -> np.ndarray:
-        """Mean saliency ``(C, H, W)`` over the class's members."""
+        """Mean pixel saliency ``(C, H, W)`` over the class's members."""
         return self.saliency[self.class_members[name]].mean(axis=0)
 
+    def class_attribution(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean signed gene attribution and contrastive score ``(G,)`` over the class's members."""
+        if self.attribution is None:
+            raise OmicsInputError(_NO_GENE_MAP)
+        return self.attribution.class_mean(self.class_members[name])
+
     def sample_table(self, layout, index: int) -> pd.DataFrame:
-        return gene_table(layout, self.saliency[index], self.x[index],
-                          gene_gradients=None if self.gene_gradients is None else self.gene_gradients[index])
+        """Genes ranked for one sample (explained for its predicted class)."""
+        if self.attribution is None:
+            raise OmicsInputError(_NO_GENE_MAP)
+        contrastive = self.attribution.contrastive
+        return gene_table(layout, self.saliency[index], self.x[index], attribution=self.attribution.values[index],
+                          contrastive=None if contrastive is None else contrastive[index])
 
     def class_table(self, layout, name: str) -> pd.DataFrame:
+        """Genes ranked by the class's mean signed attribution over its members."""
+        attribution, contrastive = self.class_attribution(name)
         members = self.class_members[name]
         return gene_table(layout, self.class_saliency(name), self.x[members].mean(axis=0),
-                          gene_gradients=None if self.gene_gradients is None
-                          else self.gene_gradients[members].mean(axis=0))
+                          attribution=attribution, contrastive=contrastive)
 
 
-def explain(trained, adata, method: str = "gradient", label_column: str | None = None, *,
-            max_missing_fraction: float | None = None, **options) -> Explanation:
-    """Saliency of every sample in ``adata`` for its predicted class, grouped by class.
+def explain(trained, adata, method: str | None = None, label_column: str | None = None, *,
+            pixel_method: str = "gradient", baseline="mean", contrastive: bool = True,
+            max_missing_fraction: float | None = None, progress=None, **options) -> Explanation:
+    """Gene attribution and pixel saliency of every sample in ``adata`` for its predicted class.
+
+    ``method`` is the gene attribution method (default
+    :data:`~napari_omicsimage.attribution.DEFAULT_GENE_METHOD`), ``baseline`` its
+    baseline (see :func:`~napari_omicsimage.attribution.gene_attributions`);
+    contrastive scores are computed too unless ``contrastive=False`` (half the cost).  ``pixel_method`` is the paper's
+    pixel saliency (:data:`SALIENCY_METHODS`).  Layouts without genes (the
+    published RGB method) get pixel saliency only.
 
     With ``label_column`` a class's members are its *correctly predicted*
     samples (the paper's class-level maps); without labels, the samples
     predicted as that class.  Classes with no member are left out (a warning
-    says which).  ``options`` go to :func:`saliency`; ``max_missing_fraction``
-    to gene alignment (see ``TrainedModel.prepare``).
+    says which).  ``options`` (``n_steps``, ``n_samples``, ``noise_level``,
+    ``batch_size``, ``seed``) go to both computations; ``max_missing_fraction``
+    to gene alignment (see ``TrainedModel.prepare``); ``progress`` hears the
+    gene attribution's batches.
     """
+    from .attribution import DEFAULT_GENE_METHOD, GENE_METHODS, gene_attributions
     from .training import ImageBatches, class_indices, predict_proba
 
+    method = DEFAULT_GENE_METHOD if method is None else method
+    if method not in GENE_METHODS:
+        raise OmicsInputError(f"unknown gene attribution method {method!r}; choose one of {GENE_METHODS} "
+                              f"(pixel saliency methods {SALIENCY_METHODS} go to pixel_method).")
+    if pixel_method not in SALIENCY_METHODS:
+        raise OmicsInputError(f"unknown pixel saliency method {pixel_method!r}; choose one of {SALIENCY_METHODS}.")
+    if label_column is not None and label_column not in adata.obs:
+        raise OmicsInputError(f"no label column {label_column!r} in the data; available: "
+                              f"{list(adata.obs.columns)}.")
     prepare_options = {} if max_missing_fraction is None else {"max_missing_fraction": max_missing_fraction}
     x, images = trained.prepare(adata, **prepare_options)
     batches = ImageBatches(trained.device, images=images)
     proba = predict_proba(trained.model, batches, mixed_precision=False)
     predicted = proba.argmax(1)
-    sal = saliency(trained.model, images, method, target=predicted, **options)
-    gene_grads = None
+    sal = saliency(trained.model, images, pixel_method, target=predicted, **options)
+    attribution = None
     if trained.layout.has_gene_map:
-        gene_grads = gene_gradient(trained.layout, signed_gradient(trained.model, images, target=predicted))
+        attribution = gene_attributions(trained, x, method, target=predicted, baseline=baseline, contrastive=contrastive,
+                                        progress=progress, **options)
     true = None
     if label_column is not None:
-        if label_column not in adata.obs:
-            raise OmicsInputError(f"no label column {label_column!r} in the data; available: "
-                                  f"{list(adata.obs.columns)}.")
         true = class_indices(adata.obs[label_column].astype(str).to_numpy(), trained.classes)
         grouping = "mean over the class's correctly predicted samples"
         members = {c: np.flatnonzero((true == k) & (predicted == k)) for k, c in enumerate(trained.classes)}
@@ -298,15 +333,101 @@ def explain(trained, adata, method: str = "gradient", label_column: str | None =
         warnings.warn(f"no sample for class(es) {empty} ({grouping}); they get no class-level map or table",
                       stacklevel=2)
     members = {c: m for c, m in members.items() if len(m)}
-    return Explanation(method=method, samples=np.asarray(adata.obs_names, dtype=str), classes=list(trained.classes),
-                       x=x, images=images, proba=proba, saliency=sal, gene_gradients=gene_grads,
+    return Explanation(method=method, pixel_method=pixel_method, samples=np.asarray(adata.obs_names, dtype=str),
+                       classes=list(trained.classes), x=x, images=images, proba=proba, saliency=sal,
+                       attribution=attribution,
                        true=None if true is None else np.asarray(trained.classes, dtype=object)[true],
                        class_members=members, grouping=grouping)
 
 
-def class_gene_tables(trained, adata, label_column: str | None, method: str = "gradient",
+def class_gene_tables(trained, adata, label_column: str | None, method: str | None = None,
                       **options) -> dict[str, pd.DataFrame]:
-    """Ranked gene table per class: saliency averaged over the class's correctly predicted samples."""
+    """Ranked gene table per class: mean signed gene attribution over the class's correctly predicted samples."""
     _pixel_map(trained.layout)  # fail before any computation for layouts without genes
     result = explain(trained, adata, method, label_column, **options)
     return {name: result.class_table(trained.layout, name) for name in result.class_members}
+
+
+def _file_stem(name: str, taken: set) -> str:
+    """A file-name-safe, unique version of a class name."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._") or "class"
+    candidate, n = stem, 2
+    while candidate in taken:
+        candidate, n = f"{stem}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def write_explanation(result: Explanation, layout, folder, *, top_genes: int = 50,
+                      n_missing_genes: int = 0) -> dict:
+    """Write an explanation's files into ``folder`` (an empty folder the caller owns); returns the summary.
+
+    Files: ``genes_<class>.csv`` (every gene ranked by the class's mean signed
+    attribution, :data:`GENE_TABLE_COLUMNS`), ``sample_top_genes.csv``,
+    ``samples.csv``, ``gene_attribution.npy`` / ``gene_contrastive.npy`` (N, G),
+    ``baseline.npy`` (the attribution baseline, G), the pixel saliency maps
+    ``saliency.npy`` / ``saliency_max.npy`` / ``class_saliency.npy`` and
+    ``explain.json`` describing them all.
+    """
+    import json
+    from pathlib import Path
+
+    if result.attribution is None:
+        raise OmicsInputError(_NO_GENE_MAP)
+    folder = Path(folder)
+    attribution = result.attribution
+    np.save(folder / "saliency.npy", result.saliency.astype(np.float32))
+    np.save(folder / "saliency_max.npy", result.saliency.max(axis=1).astype(np.float32))
+    np.save(folder / "gene_attribution.npy", attribution.values.astype(np.float32))
+    files = {"gene_attribution.npy": f"signed {attribution.method} attribution per sample and gene (N, G), "
+                                     "target = predicted class; genes as in the gene tables' model order"}
+    if attribution.contrastive is not None:
+        np.save(folder / "gene_contrastive.npy", attribution.contrastive.astype(np.float32))
+        files["gene_contrastive.npy"] = "contrastive attribution (N, G): predicted class's logit minus the others' mean"
+    if attribution.baseline_values is not None:
+        np.save(folder / "baseline.npy", attribution.baseline_values.astype(np.float32))
+        files["baseline.npy"] = f"attribution baseline (G,): {attribution.describe().get('baseline_description')}"
+    samples = pd.DataFrame({"sample": result.samples})
+    if result.true is not None:
+        samples["true"] = result.true
+    samples["predicted"] = result.predicted
+    for k, name in enumerate(result.classes):
+        samples[f"prob_{name}"] = result.proba[:, k]
+    samples.to_csv(folder / "samples.csv", index=False)
+    top = []
+    for i, sample in enumerate(result.samples):
+        table = result.sample_table(layout, i).head(top_genes)
+        table.insert(0, "sample", sample)
+        table.insert(1, "predicted", result.predicted[i])
+        top.append(table)
+    pd.concat(top, ignore_index=True).to_csv(folder / "sample_top_genes.csv", index=False)
+    tables, taken, class_maps = {}, set(), []
+    for name in result.class_members:
+        stem = _file_stem(name, taken)
+        result.class_table(layout, name).to_csv(folder / f"genes_{stem}.csv", index=False)
+        tables[name] = f"genes_{stem}.csv"
+        class_maps.append(result.class_saliency(name))
+    if class_maps:
+        np.save(folder / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
+    summary = {"method": result.method, "pixel_method": result.pixel_method,
+               "attribution": attribution.describe(), "grouping": result.grouping,
+               "ranking": "genes ranked by |mean signed attribution| over the class's members (rank 1 = most "
+                          "important); pixel_saliency is the paper's saliency at the gene's pixel",
+               "classes": [{"class": name, "n_samples": len(result.class_members[name]),
+                            "gene_table": tables[name], "class_saliency_index": i}
+                           for i, name in enumerate(result.class_members)],
+               "classes_without_samples": [c for c in result.classes if c not in result.class_members],
+               "n_missing_genes": int(n_missing_genes),
+               "saliency_shape": list(result.saliency.shape), "layout": layout.describe(),
+               "files": {**files,
+                         "saliency.npy": f"per-sample {result.pixel_method} pixel saliency (N, C, H, W), "
+                                         "target = predicted class",
+                         "saliency_max.npy": "the paper's map M: maximum over channels (N, H, W)",
+                         "class_saliency.npy": "per-class mean pixel saliency (classes as listed, C, H, W)",
+                         "samples.csv": "predictions per sample",
+                         "sample_top_genes.csv": f"top {top_genes} genes per sample",
+                         "genes_<class>.csv": "all genes ranked per class"}}
+    (folder / "explain.json").write_text(json.dumps(summary, indent=2))
+    return summary

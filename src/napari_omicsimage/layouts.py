@@ -10,10 +10,13 @@ channel, the gene→pixel and pixel→genes maps.
 method             what it is
 =================  ==========================================================
 ``deepinsight``    pyDeepInsight ``ImageTransformer`` over genes (t-SNE, UMAP,
-                   PCA or kernel PCA; ``bin``/``qtb``/``lsa`` discretisation)
+                   PCA or kernel PCA; ``bin``/``qtb`` discretisation, or
+                   ``lsa``/``ags`` assignment: one gene per pixel)
 ``fotomics``       genes placed by the FFT of the samples (Fotomics)
 ``rgb-layouts``    three gene layouts (t-SNE, PCA, UMAP) as R, G and B
 ``grid``           one gene per pixel, in input, chromosome or cluster order
+``som``            a self-organising map of gene profiles (minisom), then one
+                   gene per map node by assignment
 ``rgb-embedding``  the published RGB method (Alyatimi et al. 2025): one blob
                    per *sample*; no gene information
 =================  ==========================================================
@@ -33,9 +36,13 @@ from .annotation import chromosome_positions
 from .errors import OmicsInputError
 from .render import PixelMap, check_image_memory
 
-METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid")
+METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid", "som")
 FEATURE_EXTRACTORS = ("tsne", "umap", "pca", "kpca", "tsne-sklearn")
-DISCRETIZATIONS = ("bin", "qtb", "lsa")
+DISCRETIZATIONS = ("bin", "qtb", "lsa", "ags")
+#: Discretisations that assign every gene its own pixel (an assignment problem on gene-to-pixel distances):
+#: ``lsa`` solves it exactly (scipy's linear_sum_assignment), ``ags`` approximately (asymmetric greedy search,
+#: pyDeepInsight's option for large grids).  Without a size they take the smallest square holding every gene.
+ASSIGNMENT_DISCRETIZATIONS = ("lsa", "ags")
 GRID_ORDERS = ("cluster", "chromosome", "input")
 #: Clustered order is the default: on every data set in docs/benchmarks.md#accuracy whose genes the
 #: annotation cannot place, it beat input order (balanced accuracy SRBCT 0.928 vs 0.880, ALL mol.biol 0.633
@@ -49,6 +56,12 @@ DEFAULT_GRID_ORDER = "cluster"
 DEFAULT_IMAGE_SIZE = 32
 #: Clustering is quadratic in genes (12,625 genes: 30 s and 1.4 GB here); above this we warn.
 CLUSTER_WARN_GENES = 10_000
+
+
+def smallest_square(n_genes: int) -> tuple[int, int]:
+    """The smallest square grid with at least one pixel per gene."""
+    side = max(2, math.ceil(math.sqrt(n_genes)))
+    return side, side
 
 
 #: Placing genes on pixels keeps a few arrays over all pixels (pyDeepInsight's pixel centroids and
@@ -124,11 +137,37 @@ def _check_matrix(x: np.ndarray, genes) -> tuple[np.ndarray, np.ndarray]:
 
 
 class GeneLayout(Layout):
-    """A layout that puts genes on pixels; rendering goes through its PixelMap."""
+    """A layout that puts genes on pixels; rendering goes through its PixelMap.
+
+    ``size=None`` lets :meth:`_fitted_size` choose the grid when the genes are
+    known (``fit``); ``self.size`` is then the fitted size and
+    ``requested_size`` what the caller asked for.
+    """
 
     def __init__(self, size=DEFAULT_IMAGE_SIZE, fill_value: float = 0.0):
-        self.size = _size(size)
+        self.requested_size = None if size is None else _size(size)
+        self.size = self.requested_size
         self.fill_value = float(fill_value)
+
+    def _fitted_size(self, n_genes: int) -> tuple[int, int]:
+        """The grid for ``n_genes`` genes: the requested size, else the layout's default."""
+        return self.requested_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+    def _place(self, gene_pixels: np.ndarray, genes) -> None:
+        """Store the fitted gene → pixel map and count the genes that share a pixel (``info_``)."""
+        self.pixel_map_ = PixelMap(gene_pixels, self.size, genes)
+        self.info_ = {**getattr(self, "info_", {}), **collision_counts(self.pixel_map_)}
+
+    def collisions(self) -> int:
+        """Genes placed in a pixel that already holds another gene (0: one gene per pixel)."""
+        self._check_fitted()
+        return int(self.info_.get("n_collisions", collision_counts(self.pixel_map_)["n_collisions"]))
+
+    def _describe_collisions(self) -> str:
+        if not hasattr(self, "pixel_map_"):
+            return ""
+        n = self.collisions()
+        return ", one gene per pixel" if n == 0 else f", {n} gene collisions"
 
     @property
     def n_channels(self) -> int:
@@ -155,13 +194,25 @@ class GeneLayout(Layout):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() on training samples first.")
 
     def params(self) -> dict[str, Any]:
-        return {"size": list(self.size), "fill_value": self.fill_value}
+        return {"size": None if self.requested_size is None else list(self.requested_size),
+                "fill_value": self.fill_value}
 
     def state(self):
         self._check_fitted()
         meta = {"method": self.method, "params": self.params(), "genes": list(self.genes_),
-                "info": getattr(self, "info_", {})}
+                "info": getattr(self, "info_", {}), "fitted_size": list(self.size)}
         return meta, {"gene_pixels": self.pixel_map_.gene_pixels}
+
+    def _size_text(self) -> str:
+        return f"{self.size[0]}×{self.size[1]}" if self.size else "automatic size"
+
+
+def collision_counts(pixel_map: PixelMap) -> dict[str, int]:
+    """``n_collisions``: genes beyond the first in each pixel, summed over channels (the number of genes that
+    would have to move for one gene per pixel); ``genes_per_pixel_max``: the most genes in one pixel."""
+    density = pixel_map.density()
+    occupied = int((density > 0).sum())
+    return {"n_collisions": int(density.sum()) - occupied, "genes_per_pixel_max": int(density.max(initial=0))}
 
 
 # ============================================= feature extractors (genes as points)
@@ -397,11 +448,26 @@ def _image_transformer(extractor, discretization: str, size: tuple[int, int]):
     pyDeepInsight 0.2.3 lays out pixel centroids as ``i * height + j`` and
     decodes assignments with ``divmod(k, height)``; both must use the *width*.
     On non-square grids that gives wrong pixels or an IndexError, so we
-    override exactly those two steps.
+    override exactly those two steps.  Its ``ags`` solver also shuffles rows
+    with numba's unseeded generator; ours does not shuffle, so ``ags`` layouts
+    are reproducible.
     """
     from pyDeepInsight import ImageTransformer
 
     class _ImageTransformer(ImageTransformer):
+        @staticmethod
+        def _get_solver(name):
+            if name != "ags":
+                return ImageTransformer._get_solver(name)
+            try:
+                from asymmetric_greedy_search import AsymmetricGreedySearch
+            except ImportError as exc:
+                raise OmicsInputError("the 'ags' discretisation needs the asymmetric-greedy-search package "
+                                      "(pip install asymmetric-greedy-search), or use 'lsa'.") from exc
+            from functools import partial
+
+            return partial(AsymmetricGreedySearch(backend="numba").optimize, minimize=True, shuffle=False)
+
         @staticmethod
         def calculate_pixel_centroids(px_size):
             rows, cols = np.meshgrid(np.arange(px_size[0]), np.arange(px_size[1]), indexing="ij")
@@ -419,10 +485,13 @@ def _image_transformer(extractor, discretization: str, size: tuple[int, int]):
 
 def _fit_transformer_coords(extractor, discretization, size, x) -> np.ndarray:
     _check_pixel_grid(size)
-    if discretization == "lsa" and x.shape[1] > size[0] * size[1] * 4:
+    n_genes = x.shape[1]
+    if discretization in ASSIGNMENT_DISCRETIZATIONS and n_genes > size[0] * size[1]:
+        # pyDeepInsight would cluster the genes into one cluster per pixel first: pixels shared again, slowly
+        side = smallest_square(n_genes)[0]
         raise OmicsInputError(
-            f"'lsa' discretisation of {x.shape[1]} genes onto {size[0]}×{size[1]} pixels would cluster "
-            "the genes first and take very long; use 'bin' or 'qtb', or a larger image."
+            f"'{discretization}' gives every gene its own pixel: {n_genes} genes need at least {n_genes} pixels, "
+            f"not {size[0]}×{size[1]}; use size {side} (or leave the size out), or 'bin'/'qtb' for shared pixels."
         )
     transformer = _image_transformer(extractor, discretization, size)
     with warnings.catch_warnings():
@@ -432,7 +501,24 @@ def _fit_transformer_coords(extractor, discretization, size, x) -> np.ndarray:
 
 
 # ========================================================= gene layouts
-class DeepInsightLayout(GeneLayout):
+class _TransformerLayout(GeneLayout):
+    """Gene layouts placed by pyDeepInsight's ImageTransformer with a discretisation."""
+
+    def __init__(self, size=DEFAULT_IMAGE_SIZE, discretization: str = "bin", fill_value: float = 0.0):
+        super().__init__(size, fill_value)
+        if discretization not in DISCRETIZATIONS:
+            raise OmicsInputError(f"unknown discretisation {discretization!r}; choose one of {DISCRETIZATIONS}.")
+        self.discretization = discretization
+        if self.size is None and discretization not in ASSIGNMENT_DISCRETIZATIONS:
+            self.size = self._fitted_size(0)  # known before fitting (memory checks)
+
+    def _fitted_size(self, n_genes):
+        if self.requested_size is None and self.discretization in ASSIGNMENT_DISCRETIZATIONS:
+            return smallest_square(n_genes)
+        return super()._fitted_size(n_genes)
+
+
+class DeepInsightLayout(_TransformerLayout):
     """DeepInsight: genes embedded by their profiles across training samples.
 
     Uses pyDeepInsight's ``ImageTransformer`` (convex hull, minimum-area
@@ -443,24 +529,22 @@ class DeepInsightLayout(GeneLayout):
 
     def __init__(self, size=DEFAULT_IMAGE_SIZE, feature_extractor: str = "tsne", discretization: str = "bin",
                  random_state: int = 0, fill_value: float = 0.0):
-        super().__init__(size, fill_value)
+        super().__init__(size, discretization, fill_value)
         if feature_extractor not in FEATURE_EXTRACTORS:
             raise OmicsInputError(
                 f"unknown feature extractor {feature_extractor!r}; choose one of {FEATURE_EXTRACTORS}."
             )
-        if discretization not in DISCRETIZATIONS:
-            raise OmicsInputError(f"unknown discretisation {discretization!r}; choose one of {DISCRETIZATIONS}.")
         self.feature_extractor = feature_extractor
-        self.discretization = discretization
         self.random_state = random_state
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
         if x.shape[1] < 3:
             raise OmicsInputError(f"DeepInsight needs at least 3 genes, got {x.shape[1]}.")
+        self.size = self._fitted_size(x.shape[1])
         extractor = make_feature_extractor(self.feature_extractor, self.random_state)
         coords = _fit_transformer_coords(extractor, self.discretization, self.size, x)
-        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        self._place(coords[None], genes)
         return self
 
     def params(self):
@@ -468,34 +552,32 @@ class DeepInsightLayout(GeneLayout):
                 "discretization": self.discretization, "random_state": self.random_state}
 
     def describe(self):
-        return f"DeepInsight ({self.feature_extractor}, {self.discretization}, {self.size[0]}×{self.size[1]})"
+        return (f"DeepInsight ({self.feature_extractor}, {self.discretization}, {self._size_text()}"
+                f"{self._describe_collisions()})")
 
 
-class FotomicsLayout(GeneLayout):
+class FotomicsLayout(_TransformerLayout):
     """Fotomics: genes placed by the Fourier transform of the training samples."""
 
     method = "fotomics"
-
-    def __init__(self, size=DEFAULT_IMAGE_SIZE, discretization: str = "bin", fill_value: float = 0.0):
-        super().__init__(size, fill_value)
-        self.discretization = discretization
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
         if x.shape[1] < 3:
             raise OmicsInputError(f"Fotomics needs at least 3 genes, got {x.shape[1]}.")
+        self.size = self._fitted_size(x.shape[1])
         coords = _fit_transformer_coords(FotomicsFFT(), self.discretization, self.size, x)
-        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        self._place(coords[None], genes)
         return self
 
     def params(self):
         return {**super().params(), "discretization": self.discretization}
 
     def describe(self):
-        return f"Fotomics (FFT, {self.discretization}, {self.size[0]}×{self.size[1]})"
+        return f"Fotomics (FFT, {self.discretization}, {self._size_text()}{self._describe_collisions()})"
 
 
-class MultiLayoutRGB(GeneLayout):
+class MultiLayoutRGB(_TransformerLayout):
     """Three gene layouts as the R, G and B channels of one image.
 
     By default t-SNE (R), PCA (G) and UMAP (B) DeepInsight layouts: the seed
@@ -507,22 +589,22 @@ class MultiLayoutRGB(GeneLayout):
 
     def __init__(self, size=DEFAULT_IMAGE_SIZE, extractors=("tsne", "pca", "umap"), discretization: str = "bin",
                  random_state: int = 0, fill_value: float = 0.0):
-        super().__init__(size, fill_value)
+        super().__init__(size, discretization, fill_value)
         self.extractors = tuple(extractors)
         for name in self.extractors:
             if name not in FEATURE_EXTRACTORS:
                 raise OmicsInputError(f"unknown feature extractor {name!r}; choose from {FEATURE_EXTRACTORS}.")
-        self.discretization = discretization
         self.random_state = random_state
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
+        self.size = self._fitted_size(x.shape[1])
         channels = [
             _fit_transformer_coords(make_feature_extractor(name, self.random_state),
                                     self.discretization, self.size, x)
             for name in self.extractors
         ]
-        self.pixel_map_ = PixelMap(np.stack(channels), self.size, genes)
+        self._place(np.stack(channels), genes)
         return self
 
     @property
@@ -534,7 +616,8 @@ class MultiLayoutRGB(GeneLayout):
                 "discretization": self.discretization, "random_state": self.random_state}
 
     def describe(self):
-        return f"RGB of gene layouts ({'/'.join(self.extractors)}, {self.size[0]}×{self.size[1]})"
+        return (f"RGB of gene layouts ({'/'.join(self.extractors)}, {self._size_text()}"
+                f"{self._describe_collisions()})")
 
 
 # ----------------------------------------------------------- grid + annotation
@@ -556,10 +639,11 @@ class GridLayout(GeneLayout):
     def __init__(self, size=None, order: str = DEFAULT_GRID_ORDER, fill_value: float = 0.0):
         if order not in GRID_ORDERS:
             raise OmicsInputError(f"unknown grid order {order!r}; choose one of {GRID_ORDERS}.")
-        self.requested_size = size
-        self.size = _size(size) if size is not None else None
-        self.fill_value = float(fill_value)
+        super().__init__(size, fill_value)
         self.order = order
+
+    def _fitted_size(self, n_genes):
+        return self.requested_size or smallest_square(n_genes)
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
@@ -569,9 +653,7 @@ class GridLayout(GeneLayout):
                 f"a grid needs at least 2 genes, got {n_genes}; keep more genes (check --n-top-genes and "
                 "that the genes vary across samples)."
             )
-        if self.requested_size is None:
-            side = max(2, math.ceil(math.sqrt(n_genes)))
-            self.size = (side, side)
+        self.size = self._fitted_size(n_genes)
         self.info_ = {}
         if self.order == "input":
             order = np.arange(n_genes)
@@ -594,21 +676,98 @@ class GridLayout(GeneLayout):
         slot = np.empty(n_genes, dtype=np.int64)
         slot[order] = np.arange(n_genes) // per_pixel
         coords = np.stack(np.divmod(slot, self.size[1]), axis=1)
-        self.info_["genes_per_pixel_max"] = int(per_pixel)
-        self.pixel_map_ = PixelMap(coords[None], self.size, genes)
+        self._place(coords[None], genes)
         return self
 
     def params(self):
-        return {"size": None if self.requested_size is None else list(_size(self.requested_size)),
-                "fill_value": self.fill_value, "order": self.order}
-
-    def state(self):
-        meta, arrays = super().state()
-        meta["fitted_size"] = list(self.size)
-        return meta, arrays
+        return {**super().params(), "order": self.order}
 
     def describe(self):
-        return f"grid ({self.order} order, {self.size[0]}×{self.size[1]})" if self.size else "grid"
+        return f"grid ({self.order} order, {self._size_text()}{self._describe_collisions()})"
+
+
+# ------------------------------------------------------ self-organising map
+class SOMLayout(GeneLayout):
+    """A self-organising map of gene profiles (minisom), one gene per map node.
+
+    Genes are points described by their profiles across the training samples,
+    reduced like the t-SNE extractor's input (uncentred truncated SVD of the
+    unit-length profiles to ≤ ``n_components``, so distances follow cosine
+    similarity).  A rectangular SOM with one node per pixel is trained on them
+    (PCA initialisation, Gaussian neighbourhood shrinking from ``sigma``, by
+    default a quarter of the longer side), so similar genes land on nearby
+    nodes.  Each gene then goes to a node by linear sum assignment on the
+    gene-to-node-weight distances, which keeps the map's order but gives every
+    gene its own pixel when there are at least as many pixels as genes
+    (``size=None``: the smallest such square).  On a smaller grid each gene
+    takes its best-matching node and genes share pixels; ``info_["n_collisions"]``
+    counts them either way.
+    """
+
+    method = "som"
+
+    def __init__(self, size=None, sigma: float | None = None, learning_rate: float = 0.5,
+                 n_iterations: int | None = None, n_components: int = 50, random_state: int = 0,
+                 fill_value: float = 0.0):
+        super().__init__(size, fill_value)
+        self.sigma = None if sigma is None else float(sigma)
+        self.learning_rate = float(learning_rate)
+        self.n_iterations = None if n_iterations is None else int(n_iterations)
+        self.n_components = int(n_components)
+        self.random_state = random_state
+        if self.sigma is not None and self.sigma <= 0:
+            raise OmicsInputError(f"SOM sigma must be positive, got {self.sigma}.")
+        if self.n_iterations is not None and self.n_iterations < 1:
+            raise OmicsInputError(f"SOM n_iterations must be at least 1, got {self.n_iterations}.")
+
+    def _fitted_size(self, n_genes):
+        return self.requested_size or smallest_square(n_genes)
+
+    def fit(self, x, genes=None):
+        from minisom import MiniSom
+        from scipy.optimize import linear_sum_assignment
+        from scipy.spatial.distance import cdist
+
+        x, genes = _check_matrix(x, genes)
+        n_genes = x.shape[1]
+        if n_genes < 3:
+            raise OmicsInputError(f"a SOM layout needs at least 3 genes, got {n_genes}.")
+        self.size = self._fitted_size(n_genes)
+        _check_pixel_grid(self.size)
+        h, w = self.size
+        points = _unit_profiles(x, self.n_components, self.random_state)
+        sigma = self.sigma if self.sigma is not None else max(1.0, max(h, w) / 4)
+        iterations = self.n_iterations if self.n_iterations is not None else max(5_000, 2 * n_genes)
+        som = MiniSom(h, w, points.shape[1], sigma=sigma, learning_rate=self.learning_rate,
+                      neighborhood_function="gaussian", random_seed=self.random_state)
+        som.pca_weights_init(points)
+        som.train(points, iterations, random_order=True)
+        # genes × nodes distances; nodes are numbered row by row (node k is pixel divmod(k, w))
+        distances = cdist(points, som.get_weights().reshape(h * w, -1))
+        if h * w >= n_genes:
+            _, node = linear_sum_assignment(distances**2)
+        else:
+            node = distances.argmin(axis=1)
+        self.info_ = {"sigma": sigma, "n_iterations": iterations,
+                      "quantization_error": float(distances[np.arange(n_genes), node].mean())}
+        self._place(np.stack(np.divmod(node, w), axis=1)[None], genes)
+        return self
+
+    def params(self):
+        return {**super().params(), "sigma": self.sigma, "learning_rate": self.learning_rate,
+                "n_iterations": self.n_iterations, "n_components": self.n_components,
+                "random_state": self.random_state}
+
+    def describe(self):
+        return f"SOM of genes ({self._size_text()}{self._describe_collisions()})"
+
+
+def _unit_profiles(x: np.ndarray, n_components: int, random_state: int) -> np.ndarray:
+    """Gene profiles (genes × samples) scaled to unit length and reduced to ≤ ``n_components`` (uncentred SVD)."""
+    profiles = x.T.astype(np.float64)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    profiles = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+    return FastTSNE(random_state=random_state, n_components=n_components)._reduce(profiles)
 
 
 def _cluster_order(x: np.ndarray) -> np.ndarray:
@@ -753,20 +912,24 @@ class RGBEmbedding(Layout):
 # ================================================================ factory
 def make_layout(method: str, size=None, **params) -> Layout:
     """Build an unfitted layout by method name (the CLI's ``--method``)."""
+    # size None: each layout's own default (assignment discretisations and SOMs: one pixel per gene)
     if method == "deepinsight":
-        return DeepInsightLayout(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
+        return DeepInsightLayout(size=size, **params)
     if method == "fotomics":
-        return FotomicsLayout(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
+        return FotomicsLayout(size=size, **params)
     if method == "rgb-layouts":
-        return MultiLayoutRGB(size=DEFAULT_IMAGE_SIZE if size is None else size, **params)
+        return MultiLayoutRGB(size=size, **params)
     if method == "grid":
         return GridLayout(size=size, **params)
+    if method == "som":
+        return SOMLayout(size=size, **params)
     if method == "rgb-embedding":
         return RGBEmbedding(size=128 if size is None else size, **params)
     raise OmicsInputError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
-_LAYOUT_CLASSES = {cls.method: cls for cls in (DeepInsightLayout, FotomicsLayout, MultiLayoutRGB, GridLayout)}
+_LAYOUT_CLASSES = {cls.method: cls for cls in (DeepInsightLayout, FotomicsLayout, MultiLayoutRGB, GridLayout,
+                                                 SOMLayout)}
 
 
 def layout_from_state(meta: dict, arrays: dict[str, np.ndarray]) -> GeneLayout:

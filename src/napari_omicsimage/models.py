@@ -36,6 +36,9 @@ MODEL_NAMES = ("resnet18", "efficientnet_b0", "small")
 _IMAGENET_WEIGHTS = {
     "resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
     "efficientnet_b0": ("EfficientNet_B0_Weights", "IMAGENET1K_V1"),
+    # patch-feature backbones of the histology subpackage (HEST, ST-Net)
+    "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2"),
+    "densenet121": ("DenseNet121_Weights", "IMAGENET1K_V1"),
 }
 
 

@@ -121,18 +121,20 @@ def make_table(columns: list[str]) -> QTableWidget:
     return table
 
 
-def _cell(value) -> str:
+def _cell(value, signed: bool = False) -> str:
     if value is None or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(float(value)):
             return ""
-        return f"{float(value):.3f}"
+        return f"{float(value):+.3f}" if signed else f"{float(value):.3f}"
     return str(value)
 
 
 #: friendlier headers for some table columns (CSV exports keep the column names)
-HEADERS = {"pixel_genes": "genes in pixel", "gene_gradient": "gene gradient"}
+HEADERS = {"pixel_genes": "genes in pixel", "pixel_saliency": "pixel saliency"}
+#: columns shown with their sign (+ for the class, − against it)
+SIGNED_COLUMNS = ("attribution", "contrastive")
 
 
 def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | None = None,
@@ -147,7 +149,7 @@ def fill_table(table: QTableWidget, frame: pd.DataFrame, columns: list[str] | No
     table.setRowCount(len(shown))
     for r, (index, row) in enumerate(shown.iterrows()):
         for c, name in enumerate(columns):
-            item = QTableWidgetItem(_cell(row.get(name)))
+            item = QTableWidgetItem(_cell(row.get(name), signed=name in SIGNED_COLUMNS))
             if c == 0:
                 item.setData(Qt.ItemDataRole.UserRole, index)
             table.setItem(r, c, item)

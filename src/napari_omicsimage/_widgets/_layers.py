@@ -17,6 +17,8 @@ Canvas arrangement (data pixels = world units):
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -31,6 +33,8 @@ SALIENCY_COLORMAP = "inferno"
 #: saliency below this share of the image's maximum adds nothing: the diffuse low gradient of
 #: every pixel would otherwise tint the whole image
 SALIENCY_FLOOR = 0.15
+#: gene attribution: blue (against the class) – transparent (0) – red (for it), contrast symmetric about 0
+ATTRIBUTION_COLORMAP_NAME = "omicsimage attribution"
 #: size of a class-mean tile relative to the sample image
 TILE_SCALE = 0.5
 
@@ -134,23 +138,119 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
     return layers
 
 
-def class_names_layer(imageset: ImageSet) -> tuple:
-    """Points (invisible markers) carrying the class names above each mosaic tile."""
+def class_names_layer(imageset: ImageSet, dpi: float | None = None) -> tuple:
+    """Points (invisible markers) carrying the class names in the band above each mosaic tile.
+
+    Each name is wrapped (at ``/`` or a space) and all share one text size at
+    which every name fits inside its own tile's width and band
+    (:func:`class_name_labels`).  The text scales with the zoom
+    (``scaling=True``), so what fits at one zoom fits at every zoom.
+    """
     mosaic = imageset.mosaic
-    origins = np.array([mosaic.origin(k) for k in range(len(imageset.classes))], dtype=float)
-    # just above the tile, left-aligned; in mosaic pixels, placed with the mosaic's transform
-    positions = origins + np.array([-0.7, -0.5])
     scale, translate = mosaic_transform(imageset)
-    names = [_short(c) for c in imageset.classes]
+    (_, tile_w), (gap_r, _) = mosaic.tile, mosaic.gap
+    texts, size = class_name_labels(imageset.classes, tile_w * scale[1], gap_r * scale[0], dpi=dpi)
+    origins = np.array([mosaic.origin(k) for k in range(len(imageset.classes))], dtype=float)
+    # the top left corner of the band above the tile (pixel edges are at ±½), lines running down from there:
+    # napari's "lower_left" anchor puts the text below its point on the (rows-down) canvas
+    positions = origins + np.array([-gap_r - 0.5 + CLASS_NAME_PAD * gap_r, -0.5])
     return (positions, {
         "name": "class names", "scale": scale, "translate": translate, "size": 0.1,
-        "face_color": "transparent", "border_width": 0, "features": pd.DataFrame({"name": names}),
-        "text": {"string": "{name}", "anchor": "lower_left", "size": 8, "color": "#dddddd"},
+        "face_color": "transparent", "border_color": "transparent", "border_width": 0,
+        "features": pd.DataFrame({"name": texts, "class": list(imageset.classes)}),
+        "text": {"string": "{name}", "anchor": "lower_left", "size": size, "scaling": True,
+                 "color": "#dddddd"},
         "metadata": _meta("class-names", imageset)}, "points")
 
 
-def _short(name: str, limit: int = 16) -> str:
-    return name if len(name) <= limit else name[: limit - 1] + "…"
+#: share of the band above a tile kept free above and below its name
+CLASS_NAME_PAD = 0.08
+#: share of the tile width a name may use (a little room before the next tile's name)
+CLASS_NAME_WIDTH = 0.96
+#: vispy draws OpenSans wider and taller than its font metrics say: measured on screen (vispy 0.17, one
+#: line) 1.30-1.46 × the advance width and 1.36-1.64 × the nominal pixel size in height, with a line
+#: pitch of 1.6 × the pixel size; these bounds keep a little room on top of that
+VISPY_TEXT_WIDTH = 1.5
+VISPY_LINE_HEIGHT = 1.7
+
+
+def class_name_labels(names, tile_width: float, band_height: float, *, dpi: float | None = None
+                      ) -> tuple[list[str], float]:
+    """Wrapped class names and one napari text size at which each fits its tile.
+
+    ``tile_width`` and ``band_height`` are world units (data pixels × layer
+    scale).  A name stays on one line if it fits, else it is split in two at
+    the ``/`` or space that makes the wider line narrowest.  The size is for
+    napari text with ``scaling=True``: vispy draws it at ``size × zoom``
+    points, a nominal pixel size of ``size × dpi / 72`` world units
+    (:func:`text_extent_em` says how much room the text takes in those).
+    """
+    dpi = float(dpi or display_dpi())
+    width_budget = tile_width * CLASS_NAME_WIDTH
+    height_budget = band_height * (1 - 2 * CLASS_NAME_PAD)
+    options = [_wrappings(str(name)) for name in names]
+
+    def fits(em: float, text: str) -> bool:
+        width, height = text_extent_em(text)
+        return width * em <= width_budget and height * em <= height_budget
+
+    def largest_em(text: str) -> float:
+        width, height = text_extent_em(text)
+        return min(width_budget / max(width, 1e-9), height_budget / max(height, 1e-9))
+
+    # one size for all names: the largest at which every name has a wrapping that fits
+    em = min((max(largest_em(t) for t in texts) for texts in options), default=1.0)
+    chosen = [next(t for t in texts if fits(em * (1 - 1e-9), t)) for texts in options]
+    return chosen, em * 72.0 / dpi
+
+
+def _wrappings(name: str) -> list[str]:
+    """``name`` on one line, then every two-line split at a '/' (kept on the first line) or a space."""
+    splits = []
+    for i, char in enumerate(name):
+        if char == "/" and 0 < i < len(name) - 1:
+            splits.append(name[: i + 1] + "\n" + name[i + 1:])
+        elif char == " " and 0 < i < len(name) - 1:
+            splits.append(name[:i] + "\n" + name[i + 1:])
+    splits.sort(key=lambda text: text_extent_em(text)[0])
+    return [name, *splits]
+
+
+def text_extent_em(text: str) -> tuple[float, float]:
+    """Width of the widest line and height of all lines as drawn, in units of the font's nominal pixel size."""
+    lines = text.split("\n")
+    font = _label_font()
+    if font is None:  # no font file: a conservative average glyph width
+        advance = max(len(line) for line in lines) * 0.65
+    else:
+        advance = max(font.getlength(line) for line in lines) / float(font.size)
+    return VISPY_TEXT_WIDTH * advance, VISPY_LINE_HEIGHT * len(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _label_font():
+    """vispy's OpenSans (the face napari's text visuals use), loaded by Pillow to measure text."""
+    try:
+        from pathlib import Path
+
+        import vispy
+        from PIL import ImageFont
+
+        return ImageFont.truetype(str(Path(vispy.__file__).parent / "util" / "fonts" / "data" /
+                                      "OpenSans-Regular.ttf"), 200)
+    except (ImportError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def display_dpi() -> float:
+    """The screen resolution vispy converts font points with (96 where it cannot tell)."""
+    try:
+        from vispy.util.dpi import get_dpi
+
+        return float(get_dpi(raise_error=False) or 96.0)
+    except Exception:  # noqa: BLE001 - no display tools at all: the common default
+        return 96.0
 
 
 def pixel_labels(imageset: ImageSet, max_names: int = 12) -> tuple[np.ndarray, pd.DataFrame]:
@@ -199,11 +299,48 @@ def saliency_layer(imageset: ImageSet) -> tuple:
         "contrast_limits": [SALIENCY_FLOOR, 1.0], "metadata": _meta("saliency", imageset)}, "image")
 
 
-def selected_gene_layer(imageset: ImageSet, row: int, col: int, gene: str) -> tuple:
-    return (np.array([[row, col]], dtype=float), {
+def attribution_colormap():
+    """Diverging, centred on 0 and transparent there, so the expression image shows through neutral pixels."""
+    from napari.utils.colormaps import Colormap
+
+    colours = np.array([[0.13, 0.40, 0.95, 1.0], [0.55, 0.70, 1.0, 0.75], [0.0, 0.0, 0.0, 0.0],
+                        [1.0, 0.62, 0.45, 0.75], [0.92, 0.16, 0.10, 1.0]])
+    return Colormap(colours, controls=[0.0, 0.3, 0.5, 0.7, 1.0], name=ATTRIBUTION_COLORMAP_NAME)
+
+
+def attribution_layer(imageset: ImageSet) -> tuple:
+    """Each pixel's summed signed gene attribution: per sample (follows the slider) or a class mean.
+
+    Each map is divided by its largest magnitude, so contrast limits [-1, 1]
+    put 0 at the centre of the diverging colormap.
+    """
+    view = imageset.saliency
+    if view.target_class is None:
+        values = view.attribution.values
+        data = np.stack([_symmetric(imageset.attribution_image(v)) for v in values])
+        name = f"gene attribution ({view.gene_method})"
+    else:
+        data = _symmetric(imageset.attribution_image(view.per_class_attribution[view.target_class]))
+        name = f"gene attribution ({view.gene_method}, class {view.target_class})"
+    return (data.astype(np.float32), {
+        "name": name, "colormap": attribution_colormap(), "blending": "translucent", "opacity": 1.0,
+        "contrast_limits": [-1.0, 1.0], "metadata": _meta("attribution", imageset)}, "image")
+
+
+def _symmetric(image: np.ndarray) -> np.ndarray:
+    top = float(np.abs(image).max()) if image.size else 0.0
+    return image / top if top > 0 else np.zeros_like(image)
+
+
+def selected_gene_layer(imageset: ImageSet, gene: str) -> tuple:
+    """Cyan squares on every pixel where ``gene`` is drawn (one per channel that draws it)."""
+    index = list(imageset.pixel_map.genes).index(gene)
+    pixels = imageset.pixel_map.gene_pixels[:, index]
+    pixels = np.unique(pixels[pixels[:, 0] >= 0], axis=0).astype(float)
+    return (pixels, {
         "name": "selected gene", "symbol": "square", "size": 1.6, "face_color": "transparent",
         "border_color": "cyan", "border_width": 0.18,
-        "features": pd.DataFrame({"gene": [gene]}),
+        "features": pd.DataFrame({"gene": [gene] * len(pixels)}),
         "text": {"string": "{gene}", "anchor": "upper_left", "size": 11, "color": "cyan",
                  "translation": [-0.9, 0.9]},
         "metadata": _meta("selected-gene", imageset)}, "points")

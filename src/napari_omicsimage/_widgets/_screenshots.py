@@ -2,10 +2,11 @@
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python -m napari_omicsimage._widgets._screenshots docs/images
 
-Runs ``omicsimage demo``'s pipeline, opens the window at 1600×1000, drives
+Runs ``omicsimage demo``'s pipeline, opens its window (``demo.DEMO_WINDOW``, 1600×1000), drives
 each widget the way a user would and saves ``docs/images/*.png``.  Needs a
 display (a real one or Xvfb).  ``--quick`` uses a PCA layout and 2 epochs, for
-checking the script itself.
+checking the script itself; ``--only NAME.png ...`` writes just those pictures (and skips the
+training steps when none of their pictures is asked for).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-WINDOW = (1680, 1050)
-
 
 def _settle(app, seconds: float = 0.6) -> None:
     """Let Qt and vispy repaint (layers are sliced and drawn asynchronously)."""
@@ -38,10 +36,24 @@ def _wait(app, task, timeout: float = 900) -> None:
     _settle(app)
 
 
+def grab_window(window, path: Path, *, screen: bool = False) -> None:
+    """Save the window as a PNG; ``screen``: the screen under it, so tooltip pop-ups (own windows) show."""
+    from qtpy.QtGui import QGuiApplication
+
+    if screen:
+        frame = window.frameGeometry()
+        pixmap = QGuiApplication.primaryScreen().grabWindow(0, frame.x(), frame.y(), frame.width(), frame.height())
+    else:
+        pixmap = window.grab()
+    pixmap.save(str(path))
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", metavar="NAME.png", default=None, help="write only these pictures")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     # keep the user's napari settings untouched, and info toasts out of the pictures
@@ -55,15 +67,13 @@ def main(argv=None) -> int:
     import napari
     from napari.settings import get_settings
     from qtpy.QtCore import QPoint
-    from qtpy.QtGui import QGuiApplication
     from qtpy.QtWidgets import QApplication, QToolTip
 
     get_settings().application.gui_notification_level = "error"
     viewer = napari.Viewer(title="napari-omicsimage demo: PBMC cell types")
     window = viewer.window._qt_window
-    window.resize(*WINDOW)
     window.move(0, 0)
-    viewer, docks = show_demo(result, viewer=viewer, run=False)
+    viewer, docks = show_demo(result, viewer=viewer, run=False)  # sizes the window as the demo does
     app = QApplication.instance()
     from ._state import _camera, get_session
 
@@ -74,19 +84,13 @@ def main(argv=None) -> int:
     last_hover: list = []
 
     def save(name: str, *, screen: bool = False) -> None:
+        if args.only is not None and name not in args.only:
+            return
         _settle(app)
         if screen and last_hover:
             hover(*last_hover[-1], settle=False)  # a repaint elsewhere may have hidden the tooltip
             _settle(app, 0.15)
-        path = args.out / name
-        if screen:  # the screen under the window: includes tooltip pop-ups, which are separate windows
-            frame = window.frameGeometry()
-            pixmap = QGuiApplication.primaryScreen().grabWindow(0, frame.x(), frame.y(), frame.width(),
-                                                                 frame.height())
-        else:
-            pixmap = window.grab()
-        pixmap.save(str(path))
-        print(f"wrote {path}")
+        grab_window(window, args.out / name, screen=screen)
 
     def raise_dock(name: str):
         dock, widget = docks[name]
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
 
     _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.66)
 
-    # 1. overview: saliency over the image, hovering the most salient gene, tooltip + inspector
+    # 1. overview: gene attribution over the image, hovering the top gene, tooltip + inspector
     saliency_widget = raise_dock("5 Saliency")
     saliency_widget.update_table()
     top = saliency_widget.table_frame.iloc[0]
@@ -142,9 +146,11 @@ def main(argv=None) -> int:
     raise_dock("1 Data")
     save("data_widget.png")
 
-    # 3. imagify widget, without the saliency layer: the expression image and class means
-    saliency_layer = session.layer("saliency")
-    saliency_layer.visible = False
+    # 3. imagify widget, without the explanation layers: the expression image and class means
+    overlays = [layer for layer in (session.layer("saliency"), session.layer("attribution")) if layer is not None]
+    shown = [layer.visible for layer in overlays]
+    for layer in overlays:
+        layer.visible = False
     raise_dock("2 Imagify")
     hover(session.layer("images"), top["row"], top["col"], sample, tooltip=False)
     save("imagify_widget.png")
@@ -157,9 +163,10 @@ def main(argv=None) -> int:
     hover(density, *crowded, tooltip=False)
     save("gene_density.png")
     density.visible = False
-    saliency_layer.visible = True
+    for layer, visible in zip(overlays, shown):
+        layer.visible = visible
 
-    # 5. saliency widget: a class's mean map, its top gene selected (cyan square)
+    # 5. saliency widget: a class's mean attribution map, its top gene selected (cyan square)
     saliency_widget = raise_dock("5 Saliency")
     saliency_widget.target_combo.setCurrentText(monocyte)
     _settle(app)
@@ -192,6 +199,11 @@ def main(argv=None) -> int:
     last_hover.clear()
     _share_dock_height(viewer, docks["1 Data"][0], docks["Gene inspector"][0], 0.66)
 
+    later = {"train_progress.png", "train_widget.png", "load_model_widget.png"}
+    if args.only is not None and not later & set(args.only):
+        viewer.close()
+        return 0
+
     # 8. training from the widget: progress while it runs, curves and confusion matrix at the end
     train = raise_dock("3 Train / evaluate")
     train.folds_spin.setValue(3)
@@ -204,7 +216,15 @@ def main(argv=None) -> int:
         time.sleep(0.05)
     save("train_progress.png")
     _wait(app, train.task)
+    # the result is the curves and the confusion matrix below the table: give the dock the column and show them
+    from qtpy.QtWidgets import QScrollArea
+
+    _share_dock_height(viewer, docks["3 Train / evaluate"][0], docks["Gene inspector"][0], 0.93)
+    _settle(app)
+    if train.figure_canvas is not None:
+        train.findChild(QScrollArea).ensureWidgetVisible(train.figure_canvas)
     save("train_widget.png")
+    _share_dock_height(viewer, docks["3 Train / evaluate"][0], docks["Gene inspector"][0], 0.66)
 
     # 9. load the saved model and predict
     checkpoint = Path(tempfile.mkdtemp()) / "pbmc_small_cnn.pt"

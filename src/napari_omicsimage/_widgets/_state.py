@@ -26,7 +26,7 @@ from ..preprocess import PreprocessConfig
 from . import _layers as L
 
 #: layer roles whose hover text names genes
-HOVER_ROLES = ("images", "class-means", "density", "saliency", "pixel-genes")
+HOVER_ROLES = ("images", "class-means", "density", "saliency", "attribution", "pixel-genes")
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -295,7 +295,12 @@ class OmicsSession:
         self.saliency_changed.emit()
 
     def show_saliency(self, target_class: str | None = None) -> None:
-        """Show the per-sample saliency (follows the slider) or a class's mean map."""
+        """Show the per-sample maps (follow the slider) or a class's mean maps.
+
+        Two layers over the images: the gene attribution (each pixel the summed
+        signed attribution of its genes; visible) and the paper's pixel saliency
+        (hidden; switch it on in the layer list).
+        """
         imageset = self.imageset
         if imageset is None or imageset.saliency is None:
             raise OmicsInputError("no saliency yet: compute it in the Saliency widget first.")
@@ -303,13 +308,22 @@ class OmicsSession:
             raise OmicsInputError(
                 f"no saliency map for class {target_class!r}: none of its samples was predicted correctly.")
         imageset.saliency.target_class = target_class
-        self._remove_layers(lambda layer: L.role_of(layer) in ("saliency", "selected-gene"))
-        data, kwargs, kind = L.saliency_layer(imageset)
-        layer = _create_layer(data, kwargs, kind)
+        previous = self.layer("saliency")
+        saliency_visible = previous.visible if previous is not None else imageset.saliency.attribution is None
+        self._remove_layers(lambda layer: L.role_of(layer) in ("saliency", "attribution", "selected-gene"))
         viewer = self.viewer
-        viewer.add_layer(layer)
-        images_index = viewer.layers.index(self.layer("images"))
-        viewer.layers.move(viewer.layers.index(layer), images_index + 1)
+        made = [L.saliency_layer(imageset)]
+        if imageset.saliency.attribution is not None and imageset.pixel_map is not None:
+            made.append(L.attribution_layer(imageset))
+        position = viewer.layers.index(self.layer("images")) + 1
+        layer = None
+        for data, kwargs, kind in made:
+            layer = _create_layer(data, kwargs, kind)
+            if L.role_of(layer) == "saliency":
+                layer.visible = saliency_visible
+            viewer.add_layer(layer)
+            viewer.layers.move(viewer.layers.index(layer), position)
+            position += 1
         viewer.layers.selection.active = layer
 
     def saliency_context(self) -> tuple[np.ndarray | None, np.ndarray, str]:
@@ -318,12 +332,12 @@ class OmicsSession:
             raise OmicsInputError("no images shown: imagify the data first.")
         return self.imageset.context(self.current_sample())
 
-    def highlight_pixel(self, row: int, col: int, gene: str) -> None:
-        """Mark one pixel (the selected gene's) with a cyan square."""
-        if self.imageset is None:
+    def highlight_gene(self, gene: str) -> None:
+        """Mark the pixel(s) of one gene (one per channel drawing it) with cyan squares."""
+        if self.imageset is None or self.imageset.pixel_map is None:
             return
         self._remove_layers(lambda layer: L.role_of(layer) == "selected-gene")
-        data, kwargs, kind = L.selected_gene_layer(self.imageset, row, col, gene)
+        data, kwargs, kind = L.selected_gene_layer(self.imageset, gene)
         viewer = self.viewer
         active = viewer.layers.selection.active
         viewer.add_layer(_create_layer(data, kwargs, kind))
@@ -356,7 +370,7 @@ class OmicsSession:
         raise OmicsInputError(f"layer {layer.name!r} is a {kind} layer; draw regions on Shapes or Labels layers.")
 
     def region_table(self, layer) -> pd.DataFrame:
-        """Genes inside each region of ``layer``, ranked by the saliency shown now."""
+        """Genes inside each region of ``layer``, ranked by the gene attribution shown now (else pixel saliency)."""
         imageset = self.imageset
         if imageset is None or imageset.pixel_map is None:
             raise OmicsInputError(
@@ -364,7 +378,8 @@ class OmicsSession:
                 "imagify with deepinsight, fotomics, rgb-layouts or grid to annotate genes.")
         saliency, expression, _ = self.saliency_context()
         return region_gene_table(imageset.pixel_map, self.regions_of(layer).masks(), saliency=saliency,
-                                 expression=expression, channel_names=imageset.channel_names)
+                                 expression=expression, attribution=imageset.attribution_context(self.current_sample()),
+                                 channel_names=imageset.channel_names)
 
     # ---------------------------------------------------------------- hover
     def report_at(self, layer, position, world: bool = True) -> PixelReport | None:

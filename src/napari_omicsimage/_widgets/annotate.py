@@ -1,4 +1,4 @@
-"""Annotate widget: genes inside hand-drawn regions, ranked by saliency, exported as CSV."""
+"""Annotate widget: genes inside hand-drawn regions, ranked by gene attribution, exported as CSV."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._regions import Regions, load_regions, save_regions
+from .._regions import GENE_TABLE_COLUMNS, Regions, load_regions, save_regions
 from ..errors import OmicsInputError
 from . import _layers as L
 from ._common import (
@@ -28,7 +28,8 @@ from ._common import (
 )
 from ._state import get_session
 
-COLUMNS = ["region", "rank", "gene", "saliency", "expression", "channel", "row", "col"]
+#: the table shows every column of the CSV export
+COLUMNS = GENE_TABLE_COLUMNS
 
 
 class AnnotateWidget(QWidget):
@@ -71,7 +72,7 @@ class AnnotateWidget(QWidget):
 
         layout = scroll_layout(self)
         layout.addWidget(group("Region layer", self.layer_combo, buttons))
-        layout.addWidget(group("Genes inside each region (most salient first)", self.context, self.table))
+        layout.addWidget(group("Genes inside each region (largest gene attribution first)", self.context, self.table))
         layout.addLayout(files)
 
         for emitter in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -180,8 +181,10 @@ class AnnotateWidget(QWidget):
             self.context.setText(str(exc))
             return
         self.table_frame = frame
+        has_attribution = bool(frame["attribution"].notna().any()) if len(frame) else False
         has_saliency = bool(frame["saliency"].notna().any()) if len(frame) else False
-        ranked = "saliency" if has_saliency else "expression (no saliency computed yet)"
+        ranked = ("|gene attribution| (+ for / − against the class)" if has_attribution
+                  else "pixel saliency" if has_saliency else "expression (no saliency computed yet)")
         n_regions = frame["region"].nunique() if len(frame) else 0
         self.context.setText(f"{len(frame)} gene(s) in {n_regions} region(s) of {layer.name!r}; "
                              f"values for {context}, ranked by {ranked}.")
@@ -193,7 +196,7 @@ class AnnotateWidget(QWidget):
         if not rows or self.table_frame.empty:
             return
         record = self.table_frame.iloc[rows[0].row()]
-        self.session.highlight_pixel(int(record["row"]), int(record["col"]), str(record["gene"]))
+        self.session.highlight_gene(str(record["gene"]))
 
     # ------------------------------------------------------------ files
     def _choose_export(self) -> None:

@@ -11,7 +11,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..layouts import DEFAULT_GRID_ORDER, DEFAULT_IMAGE_SIZE, DISCRETIZATIONS, FEATURE_EXTRACTORS, GRID_ORDERS, METHODS
+from ..layouts import (
+    ASSIGNMENT_DISCRETIZATIONS,
+    DEFAULT_GRID_ORDER,
+    DEFAULT_IMAGE_SIZE,
+    DISCRETIZATIONS,
+    FEATURE_EXTRACTORS,
+    GRID_ORDERS,
+    METHODS,
+)
 from ..pipeline import imagify
 from ._common import (
     BackgroundTask,
@@ -31,12 +39,20 @@ METHOD_HELP = {
     "rgb-layouts": "three gene layouts (t-SNE, PCA, UMAP) as red, green and blue",
     "grid": "one gene per pixel, row by row (co-expression cluster, chromosome or input order)",
     "rgb-embedding": "the published RGB method: one dot per sample; pixels are NOT genes (no gene hover)",
+    "som": "a self-organising map of gene profiles, then one gene per pixel (similar genes sit together)",
 }
+#: methods whose random seed changes the layout
+SEEDED_METHODS = ("deepinsight", "rgb-layouts", "rgb-embedding", "som")
+DISCRETIZED_METHODS = ("deepinsight", "fotomics", "rgb-layouts")
 
 
-def _default_size_spin(method: str) -> int:
+def _default_size_spin(method: str, discretization: str = "bin") -> int:
     """The size box's default for a method (0 shows 'automatic')."""
-    return 0 if method in ("grid", "rgb-embedding") else DEFAULT_IMAGE_SIZE
+    if method in ("grid", "rgb-embedding", "som"):
+        return 0
+    if method in DISCRETIZED_METHODS and discretization in ASSIGNMENT_DISCRETIZATIONS:
+        return 0  # one pixel per gene: sized when the genes are known
+    return DEFAULT_IMAGE_SIZE
 
 
 class ImagifyWidget(QWidget):
@@ -49,6 +65,7 @@ class ImagifyWidget(QWidget):
         self.task = BackgroundTask()
         self._run_id = 0
         self._method: str | None = None  # the method whose default size the size box shows
+        self._discretization = "bin"  # and the discretisation it was shown for
 
         self.method_combo = QComboBox()
         self.method_combo.addItems(list(METHODS))
@@ -59,12 +76,15 @@ class ImagifyWidget(QWidget):
         self.size_spin.setValue(DEFAULT_IMAGE_SIZE)
         self.size_spin.setSpecialValueText("automatic")
         self.size_spin.setToolTip(f"image side in pixels ('automatic': {DEFAULT_IMAGE_SIZE} for gene layouts, the "
-                                  "smallest square holding all genes for grids, 128 for rgb-embedding)")
+                                  "smallest square with a pixel per gene for grids, SOMs and the lsa/ags "
+                                  "discretisations, 128 for rgb-embedding)")
         self.extractor_combo = QComboBox()
         self.extractor_combo.addItems(list(FEATURE_EXTRACTORS))
         self.extractor_combo.setToolTip("tsne: best-looking layouts; pca: fastest")
         self.discretization_combo = QComboBox()
         self.discretization_combo.addItems(list(DISCRETIZATIONS))
+        self.discretization_combo.setToolTip("bin/qtb: nearby genes share pixels; lsa/ags: every gene its own pixel")
+        self.discretization_combo.currentTextChanged.connect(self._discretization_changed)
         self.order_combo = QComboBox()
         self.order_combo.addItems(list(GRID_ORDERS))
         self.order_combo.setCurrentText(DEFAULT_GRID_ORDER)
@@ -113,25 +133,32 @@ class ImagifyWidget(QWidget):
     def _method_changed(self, method: str) -> None:
         # Follow the new method's own default size unless the user has set one: grids and the published RGB
         # method size themselves ('automatic'), gene layouts use DEFAULT_IMAGE_SIZE.
-        previous = self._method
-        if previous is not None and self.size_spin.value() == _default_size_spin(previous):
-            self.size_spin.setValue(_default_size_spin(method))
-        self._method = method
+        self._follow_default_size(method, self._discretization)
         self.method_help.setText(METHOD_HELP.get(method, ""))
         self.extractor_combo.setEnabled(method == "deepinsight")
-        self.discretization_combo.setEnabled(method in ("deepinsight", "fotomics", "rgb-layouts"))
+        self.discretization_combo.setEnabled(method in DISCRETIZED_METHODS)
         self.order_combo.setEnabled(method == "grid")
-        self.seed_spin.setEnabled(method in ("deepinsight", "rgb-layouts", "rgb-embedding"))
+        self.seed_spin.setEnabled(method in SEEDED_METHODS)
+
+    def _discretization_changed(self, discretization: str) -> None:
+        if self._method is not None:
+            self._follow_default_size(self._method, discretization)
+
+    def _follow_default_size(self, method: str, discretization: str) -> None:
+        previous = (self._method, self._discretization)
+        if previous[0] is not None and self.size_spin.value() == _default_size_spin(*previous):
+            self.size_spin.setValue(_default_size_spin(method, discretization))
+        self._method, self._discretization = method, discretization
 
     def layout_spec(self) -> dict:
         """``{"method", "size", **params}`` as :func:`layouts.make_layout` and training take it."""
         method = self.method_combo.currentText()
         params: dict = {}
-        if method in ("deepinsight", "rgb-layouts", "rgb-embedding"):
+        if method in SEEDED_METHODS:
             params["random_state"] = self.seed_spin.value()
         if method == "deepinsight":
             params["feature_extractor"] = self.extractor_combo.currentText()
-        if method in ("deepinsight", "fotomics", "rgb-layouts"):
+        if method in DISCRETIZED_METHODS:
             params["discretization"] = self.discretization_combo.currentText()
         if method == "grid":
             params["order"] = self.order_combo.currentText()

@@ -1,4 +1,5 @@
-"""Saliency widget: which pixels (genes) drove the model, per sample or per class."""
+"""Saliency widget: which genes drove the model (gene attribution), per sample or per class,
+with the paper's pixel saliency beside it."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from ._common import (
 from ._state import get_session
 
 FOLLOW_SLIDER = "each sample (follows the slider)"
-#: shown in the table (the CSV export has every column of explain.gene_table, e.g. gene_gradient)
-COLUMNS = ["rank", "gene", "saliency", "expression", "pixel_genes", "row", "col"]
+#: shown in the table (the CSV export has every column of explain.gene_table)
+COLUMNS = ["rank", "gene", "attribution", "pixel_saliency", "expression", "pixel_genes", "row", "col"]
 #: images per saliency call: small enough to report progress and cancel often
 CHUNK = 32
 
@@ -44,10 +45,11 @@ class _Cancelled(Exception):
 
 
 class SaliencyWidget(QWidget):
-    """Compute saliency for every loaded sample and list the most salient genes."""
+    """Compute gene attribution and pixel saliency for every loaded sample; list the genes that drove it."""
 
     def __init__(self, napari_viewer):
         super().__init__()
+        from ..attribution import DEFAULT_GENE_METHOD, GENE_METHODS
         from ..explain import SALIENCY_METHODS
 
         self.viewer = napari_viewer
@@ -56,13 +58,21 @@ class SaliencyWidget(QWidget):
         self._cancel = threading.Event()
         self.table_frame = pd.DataFrame(columns=COLUMNS)
 
+        self.gene_method_combo = QComboBox()
+        self.gene_method_combo.addItems(list(GENE_METHODS))
+        self.gene_method_combo.setCurrentText(DEFAULT_GENE_METHOD)
+        self.gene_method_combo.setToolTip(
+            "attribution onto each gene's expression, through the image layout (genes sharing a pixel get "
+            "their own values); integrated-gradients (from the training mean profile) is the default")
         self.method_combo = QComboBox()
         self.method_combo.addItems(list(SALIENCY_METHODS))
-        self.method_combo.setToolTip("gradient: fastest; smoothgrad / integrated-gradients: less noisy; "
+        self.method_combo.setToolTip("the paper's pixel saliency (all genes of a pixel share its value): "
+                                     "gradient: fastest; smoothgrad / integrated-gradients: less noisy; "
                                      "gradcam: coarse regions")
         form = QFormLayout()
-        form.addRow("method:", self.method_combo)
-        self.compute_button = QPushButton("Compute saliency")
+        form.addRow("gene attribution:", self.gene_method_combo)
+        form.addRow("pixel saliency:", self.method_combo)
+        self.compute_button = QPushButton("Compute")
         self.compute_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -74,10 +84,11 @@ class SaliencyWidget(QWidget):
         self.status = wrapped_label("Needs a model: train one or load a checkpoint.")
 
         self.target_combo = QComboBox()
-        self.target_combo.setToolTip("a class shows the mean saliency of its correctly predicted samples")
+        self.target_combo.setToolTip("a class shows the mean attribution and saliency of its correctly predicted "
+                                     "samples")
         self.target_combo.currentTextChanged.connect(self._target_chosen)
         target_form = QFormLayout()
-        target_form.addRow("show saliency of:", self.target_combo)
+        target_form.addRow("explain:", self.target_combo)
         self.context = wrapped_label("")
         self.table = make_table(COLUMNS)
         self.table.setMinimumHeight(220)
@@ -86,11 +97,11 @@ class SaliencyWidget(QWidget):
         self.export_button.clicked.connect(self._choose_export)
 
         layout = scroll_layout(self)
-        layout.addWidget(group("Saliency", form))
+        layout.addWidget(group("Explain predictions", form))
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
-        layout.addWidget(group("Top genes (click one to mark its pixel)", target_form, self.context, self.table,
+        layout.addWidget(group("Top genes by |attribution| (click one to mark its pixels)", target_form, self.context, self.table,
                                self.export_button))
 
         self._relay = Relay()
@@ -116,20 +127,20 @@ class SaliencyWidget(QWidget):
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return
-        method = self.method_combo.currentText()
-        images, layout = imageset.images, imageset.layout
+        method, gene_method = self.method_combo.currentText(), self.gene_method_combo.currentText()
+        images, expression = imageset.images, imageset.expression
         classes = np.asarray(trained.classes, dtype=object)
         relay, cancel = self._relay, self._cancel
 
         def work():
             import torch
 
-            from ..explain import gene_gradient, signed_gradient
+            from ..attribution import gene_attributions, merge_attributions
 
             model = trained.model
             model.eval()
             device = next(model.parameters()).device
-            maps, gradients, predicted = [], [], []
+            maps, attributions, predicted = [], [], []
             for start in range(0, len(images), CHUNK):
                 if cancel.is_set():
                     raise _Cancelled()
@@ -138,14 +149,15 @@ class SaliencyWidget(QWidget):
                     target = model(torch.as_tensor(chunk, device=device)).argmax(1).cpu().numpy()
                 # explain each sample for the class the model predicts (the paper's saliency)
                 maps.append(np.asarray(saliency(model, chunk, method, target=target), dtype=np.float32))
-                gradients.append(gene_gradient(layout, signed_gradient(model, chunk, target=target)))
+                attributions.append(gene_attributions(trained, expression[start:start + CHUNK], gene_method,
+                                                      target=target))
                 predicted.append(classes[target])
                 relay.event.emit((min(start + CHUNK, len(images)), len(images)))
-            return np.concatenate(maps), np.concatenate(gradients), np.concatenate(predicted)
+            return np.concatenate(maps), merge_attributions(attributions), np.concatenate(predicted)
 
         self._cancel.clear()
         self.progress.setValue(0)
-        self.status.setText(f"{method} saliency of {len(images)} samples…")
+        self.status.setText(f"{gene_method} gene attribution and {method} pixel saliency of {len(images)} samples…")
         self.compute_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.task.start(work, on_done=lambda value: self._done(value, method, imageset),
@@ -154,27 +166,28 @@ class SaliencyWidget(QWidget):
     def _on_progress(self, value) -> None:
         done, total = value
         self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
-        self.status.setText(f"saliency: {done}/{total} samples")
+        self.status.setText(f"explaining: {done}/{total} samples")
 
     def _done(self, value, method: str, imageset) -> None:
-        maps, gradients, predicted = value
+        maps, attribution, predicted = value
         if imageset is not self.session.imageset:
             self.status.setText("the images changed while computing; compute again")
             return
-        view = SaliencyView.from_predictions(method, maps, predicted, imageset.labels, gradients)
+        view = SaliencyView.from_predictions(method, maps, predicted, imageset.labels, attribution)
         try:
             self.session.set_saliency(view)
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return
-        self.status.setText(f"{method} saliency of {len(maps)} samples (each for its predicted class); "
-                            f"class maps: {view.grouping} ({len(view.per_class)} classes)")
+        self.status.setText(f"{view.gene_method} gene attribution and {method} pixel saliency of {len(maps)} "
+                            f"samples (each for its predicted class); class maps: {view.grouping} "
+                            f"({len(view.per_class)} classes)")
         self._fill_targets()
-        report_info("saliency ready: hover the image to see genes and their saliency")
+        report_info("explanation ready: hover the image to see each gene's attribution")
 
     def _failed(self, exc) -> None:
         if isinstance(exc, _Cancelled):
-            self.status.setText("cancelled; no saliency kept")
+            self.status.setText("cancelled; no explanation kept")
             return
         self.status.setText(f"failed: {exc}")
         report_error(exc)
@@ -226,8 +239,9 @@ class SaliencyWidget(QWidget):
             self.context.setText("")
             return
         frame = imageset.gene_table()
-        self.context.setText(f"{frame['shown'].iloc[0] if len(frame) else ''}: saliency relative to the most "
-                             "salient pixel; expression scaled 0–1")
+        self.context.setText(f"{frame['shown'].iloc[0] if len(frame) else ''}: {imageset.saliency.gene_method} "
+                             "attribution (+ for / − against the class explained); pixel saliency relative to "
+                             "the most salient pixel; expression scaled 0–1")
         self.table_frame = frame
         columns = COLUMNS if imageset.n_channels == 1 else COLUMNS[:-2] + ["channel", "row", "col"]
         fill_table(self.table, frame, columns, max_rows=200)
@@ -237,7 +251,7 @@ class SaliencyWidget(QWidget):
         if not rows or self.table_frame.empty:
             return
         record = self.table_frame.iloc[rows[0].row()]
-        self.session.highlight_pixel(int(record["row"]), int(record["col"]), str(record["gene"]))
+        self.session.highlight_gene(str(record["gene"]))
 
     def _choose_export(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export gene table", "saliency_genes.csv", "CSV (*.csv)")

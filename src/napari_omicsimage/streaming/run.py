@@ -17,7 +17,6 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 
 from ..errors import OmicsInputError, TrainingCancelled
 from ..io import check_labels

@@ -1,0 +1,355 @@
+"""Histology widget: fit a slide → expression model and show predicted gene maps over the slide.
+
+A thin shell over :mod:`napari_omicsimage.histology`: reading, fitting and
+predicting run in a napari thread worker with a progress bar and cancel; the
+layers come from :mod:`napari_omicsimage.histology.layers`.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from ..errors import OmicsInputError
+from ._common import (
+    BackgroundTask,
+    Relay,
+    group,
+    progress_bar,
+    report_error,
+    report_info,
+    scroll_layout,
+    wrapped_label,
+)
+
+FEATURE_CHOICES = ["handcrafted+fourier", "resnet50", "efficientnet_b0", "densenet121", "resnet50+fourier",
+                   "handcrafted", "fourier"]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class HistologyWidget(QWidget):
+    """Training sections + a section to predict → predicted and measured gene maps, hover for top genes."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.task = BackgroundTask()
+        self._cancel = threading.Event()
+        self.model = None
+        self.section = None
+        self.predictions = None
+        self._layers: dict[str, object] = {}
+
+        self.train_edit = QPlainTextEdit()
+        self.train_edit.setPlaceholderText("training sections, one per line (legacy ST folder, Space Ranger "
+                                           "folder, or .h5ad)")
+        self.train_edit.setMaximumHeight(90)
+        add_train = QPushButton("Add section folder…")
+        add_train.clicked.connect(self._add_train_folder)
+        self.section_edit = QLineEdit()
+        self.section_edit.setPlaceholderText("section to predict (folder, .h5ad or slide image)")
+        self.image_edit = QLineEdit()
+        self.image_edit.setPlaceholderText("its full-resolution image (.h5ad / Space Ranger only)")
+        self.um_spin = QDoubleSpinBox()
+        self.um_spin.setRange(0.0, 100.0)
+        self.um_spin.setDecimals(4)
+        self.um_spin.setSpecialValueText("from the data")
+        self.um_spin.setToolTip("µm per pixel; 'from the data' derives it from the slide, spot diameter or pitch")
+        self.features_combo = QComboBox()
+        self.features_combo.setEditable(True)
+        self.features_combo.addItems(FEATURE_CHOICES)
+        self.features_combo.setToolTip("handcrafted and fourier need no weights; CNN backbones need ImageNet "
+                                       "weights (downloaded, or a local file) or 'random' as a baseline")
+        self.weights_edit = QLineEdit("imagenet")
+        self.weights_edit.setToolTip("imagenet, random (baseline, labelled so), or the path of a torchvision .pth")
+        self.features_combo.currentTextChanged.connect(self._weights_apply)
+        self._weights_apply(self.features_combo.currentText())
+        self.genes_spin = QSpinBox()
+        self.genes_spin.setRange(1, 2000)
+        self.genes_spin.setValue(50)
+        self.keep_spin = QDoubleSpinBox()
+        self.keep_spin.setRange(0.05, 1.0)
+        self.keep_spin.setSingleStep(0.05)
+        self.keep_spin.setValue(1.0)
+        self.keep_spin.setToolTip("Shannon selection (ISG): train on this fraction of spots with the most "
+                                  "texture; 1 keeps all. The mask layer shows kept and dropped patches.")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        form = QFormLayout()
+        form.addRow("predict:", self.section_edit)
+        form.addRow("image:", self.image_edit)
+        form.addRow("µm per pixel:", self.um_spin)
+        form.addRow("features:", self.features_combo)
+        form.addRow("weights:", self.weights_edit)
+        form.addRow("genes (top HVG):", self.genes_spin)
+        form.addRow("Shannon keep:", self.keep_spin)
+        form.addRow("device:", self.device_combo)
+
+        self.fit_button = QPushButton("Fit and predict")
+        self.fit_button.clicked.connect(self.run_fit)
+        self.load_button = QPushButton("Predict with model file…")
+        self.load_button.clicked.connect(self._choose_model)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        for button in (self.fit_button, self.load_button, self.cancel_button):
+            buttons.addWidget(button)
+        self.progress = progress_bar()
+        self.status = wrapped_label("")
+        self.gene_combo = QComboBox()
+        self.gene_combo.currentTextChanged.connect(self.show_gene)
+        self.summary = wrapped_label("")
+        self.save_button = QPushButton("Save model…")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._choose_save)
+
+        layout = scroll_layout(self)
+        layout.addWidget(group("Training sections", self.train_edit, add_train))
+        layout.addWidget(group("Section, features and model", form))
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(group("Predicted gene (left) and measured (right)", self.gene_combo, self.summary))
+        layout.addWidget(self.save_button)
+        layout.addStretch(1)
+        self._relay = Relay()
+        self._relay.event.connect(self._on_event)
+        # napari hides layer tooltips by default; a spot's top genes are the point of hovering here
+        napari_viewer.tooltip.visible = True
+
+    # ------------------------------------------------------------ options
+    def _scale(self):
+        from ..histology import Scale
+
+        return Scale(um_per_px=self.um_spin.value() or None)
+
+    def config(self):
+        from ..histology import HistologyConfig
+
+        keep = self.keep_spin.value()
+        return HistologyConfig(features=self.features_combo.currentText().strip(),
+                               weights=self.weights_edit.text().strip() or "imagenet",
+                               n_genes=self.genes_spin.value(), keep_fraction=None if keep >= 1 else keep,
+                               device=self.device_combo.currentText()).validate()
+
+    def _weights_apply(self, spec: str) -> None:
+        """Weights matter only for CNN backbones: the box is off for the weight-free feature sets."""
+        from ..histology.features import BACKBONES
+
+        self.weights_edit.setEnabled(any(part.strip() in BACKBONES for part in spec.split("+")))
+
+    def train_paths(self) -> list[str]:
+        return [line.strip() for line in self.train_edit.toPlainText().splitlines() if line.strip()]
+
+    def _add_train_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Training section folder")
+        if folder:
+            self.train_edit.appendPlainText(folder)
+
+    # ---------------------------------------------------------------- run
+    def _progress(self, what: str):
+        relay, cancel = self._relay, self._cancel
+
+        def callback(event):
+            try:
+                relay.event.emit((what, event))
+            except RuntimeError:  # the widget was closed
+                return True
+            return cancel.is_set()
+        return callback
+
+    def fit_work(self, train_paths, section_path, image, config, scale, model=None):
+        """Read, fit (unless ``model`` is given) and predict; runs in the worker thread."""
+        from ..histology import fit, read_section
+        from ..histology.features import FeaturesCancelled
+
+        if not section_path:
+            raise OmicsInputError("name the section to predict.")
+        try:
+            if model is None:
+                if not train_paths:
+                    raise OmicsInputError("give at least one training section (one per line).")
+                train = [read_section(p, scale=scale) for p in train_paths]
+                model = fit(train, config, progress=self._progress("fitting"))
+            section = read_section(section_path, image=image or None, scale=scale, require_counts=False)
+            extractor = model.extractor(device=config.device if config is not None else None)
+            predictions = model.predict(section, progress=self._progress("predicting"), extractor=extractor)
+        except FeaturesCancelled as exc:
+            raise _Cancelled(str(exc)) from None
+        return model, section, predictions
+
+    def _start(self, work) -> None:
+        self._cancel.clear()
+        self.progress.setValue(0)
+        self.status.setText("reading…")
+        self.fit_button.setEnabled(False)
+        self.load_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.task.start(work, on_done=self.show_result, on_error=self._failed, on_finished=self._finished)
+
+    def run_fit(self) -> None:
+        try:
+            config, scale = self.config(), self._scale()
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        paths, section, image = self.train_paths(), self.section_edit.text().strip(), self.image_edit.text().strip()
+        self._start(lambda: self.fit_work(paths, section, image, config, scale))
+
+    def _choose_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Histology model", "", "Model (*.pt)")
+        if path:
+            self.run_predict(path)
+
+    def run_predict(self, model_path) -> None:
+        from ..histology import load_model
+
+        try:
+            model = load_model(model_path)
+            scale = self._scale()
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        section, image = self.section_edit.text().strip(), self.image_edit.text().strip()
+        self._start(lambda: self.fit_work([], section, image, None, scale, model=model))
+
+    def cancel(self) -> None:
+        if self.task.running:
+            self._cancel.set()
+            self.status.setText("cancelling after this batch…")
+
+    def _on_event(self, value) -> None:
+        what, event = value
+        if event.stage == "features" and event.n_batches:
+            section, n_sections = int(event.metrics.get("section", 0)), int(event.metrics.get("n_sections", 1))
+            done = (section + (event.batch + 1) / event.n_batches) / max(n_sections, 1)
+            self.progress.setValue(int(self.progress.maximum() * done))
+            self.status.setText(f"{what}: patch features of section {section + 1}/{n_sections}, "
+                                f"batch {event.batch + 1}/{event.n_batches}")
+
+    def _failed(self, exc) -> None:
+        if isinstance(exc, _Cancelled):
+            self.status.setText("cancelled: nothing was fitted")
+            return
+        self.status.setText("failed: " + report_error(exc))
+
+    def _finished(self) -> None:
+        self.fit_button.setEnabled(True)
+        self.load_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    # --------------------------------------------------------------- show
+    def show_result(self, value) -> None:
+        from ..histology import layers
+        from ..histology.tiles import shannon_select
+
+        self.model, self.section, self.predictions = value
+        section, predictions = self.section, self.predictions
+        for layer in list(self._layers.values()):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self._layers = {}
+        self._add("slide", layers.slide_layer(section))
+        if "measured" in predictions.layers:
+            self._add("slide measured", layers.slide_layer(section, name=f"slide {section.name} (measured)",
+                                                         translate=layers.measured_offset(section)))
+        keep = self.model.config.keep_fraction
+        selection = shannon_select(predictions.obs["entropy"].to_numpy(), keep_fraction=keep)
+        self._add("shannon", layers.shannon_mask_layer(section, selection.keep, patch_um=self.model.config.patch_um))
+        self._layers["shannon"].visible = False
+        self._add("spots", layers.spots_layer(section, predictions))
+        self._layers["spots"].visible = False
+        self.gene_combo.blockSignals(True)
+        self.gene_combo.clear()
+        self.gene_combo.addItems(list(predictions.var_names))
+        self.gene_combo.blockSignals(False)
+        self.show_gene(predictions.var_names[0])
+        self.fit_view()
+        notes = [(f"{predictions.n_obs} {section.kind} of {section.name}, {predictions.n_vars} genes; "
+                  f"features: {self.model.config.feature_description}"),
+                 f"values: {self.model.scale}", selection.describe()]
+        self.summary.setText("\n".join(notes))
+        self.status.setText("done: hover a spot for its top predicted genes")
+        self.save_button.setEnabled(True)
+        report_info(notes[0])
+
+    def fit_view(self) -> None:
+        """Zoom onto the spots (both copies when the measured one is shown), not the whole glass slide."""
+        from ..histology.layers import measured_offset
+        from ._state import _camera
+
+        if self.section is None:
+            return
+        xy = self.section.centres
+        pad = self.section.spot_diameter_px
+        x0, x1 = xy[:, 0].min() - pad, xy[:, 0].max() + pad
+        y0, y1 = xy[:, 1].min() - pad, xy[:, 1].max() + pad
+        measured = self._layers.get("measured")
+        if measured is not None and measured.visible:
+            x1 += measured_offset(self.section)
+        canvas = self.viewer.window._qt_viewer.canvas.native
+        camera = _camera(self.viewer)
+        camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+        camera.zoom = 0.88 * min(canvas.height() / max(y1 - y0, 1), canvas.width() / max(x1 - x0, 1))
+
+    def _add(self, key: str, layer_data: tuple) -> None:
+        data, kwargs, kind = layer_data
+        self._layers[key] = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+
+    def show_gene(self, gene: str) -> None:
+        from ..histology import layers
+
+        if self.predictions is None or gene not in self.predictions.var_names:
+            return
+        for key in ("predicted", "measured"):
+            layer = self._layers.pop(key, None)
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        predicted = np.asarray(self.predictions[:, gene].X).ravel()
+        limits = None
+        if "measured" in self.predictions.layers:
+            measured = np.asarray(self.predictions[:, gene].layers["measured"]).ravel()
+            both = np.concatenate([predicted, measured[np.isfinite(measured)]])
+            limits = (float(both.min()), float(both.max()) + 1e-6)  # one colour scale for both copies
+            self._add("measured", layers.expression_layer(self.section, self.predictions, gene, measured=True,
+                                                          contrast=limits))
+        self._add("predicted", layers.expression_layer(self.section, self.predictions, gene, contrast=limits))
+        text = f"{gene}: predicted {predicted.min():.2f}–{predicted.max():.2f}"
+        if limits is not None:
+            r = np.corrcoef(predicted, measured)[0, 1] if np.ptp(measured) > 0 and np.ptp(predicted) > 0 else np.nan
+            text += f"; Pearson r with measured on this section {r:.2f}"
+        self.status.setText(text)
+
+    def _choose_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save histology model", "histology_model.pt", "Model (*.pt)")
+        if path:
+            self.save_model(path)
+
+    def save_model(self, path) -> Path | None:
+        from ..histology import save_model
+
+        try:
+            written = save_model(self.model, path)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return None
+        report_info(f"saved {written}")
+        return written

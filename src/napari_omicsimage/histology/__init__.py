@@ -1,0 +1,31 @@
+"""From an H&E slide to predicted gene expression (issue 12).
+
+Qt-free core, in the order the data flow through it:
+
+* :mod:`.slide` — slides read whole (JPEG/PNG) or lazily (pyramidal TIFF, SVS);
+* :mod:`.reading` — sections: slide + spot centres + counts + physical scale;
+* :mod:`.tiles` — patches at a physical size, tissue mask, tile grid, Shannon selection;
+* :mod:`.features` — hand-crafted, Fourier and torchvision-backbone patch features;
+* :mod:`.models` — targets (log1p-normalised HVGs), PCA + ridge, checkpoints, predictions AnnData;
+* :mod:`.evaluation` — leave-one-section-out Pearson r with baselines.
+
+The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
+``omicsimage histology evaluate|fit|predict``.
+"""
+
+from .evaluation import HistologyEvaluation, leave_one_section_out
+from .features import FeatureExtractor
+from .models import (
+           EXPRESSION_SCALE,
+           HistologyConfig,
+           HistologyModel,
+           fit,
+           load_model,
+           save_model,
+)
+from .reading import Scale, Section, read_section
+from .slide import Slide, open_slide
+
+__all__ = ["EXPRESSION_SCALE", "FeatureExtractor", "HistologyConfig", "HistologyEvaluation", "HistologyModel",
+           "Scale", "Section", "Slide", "fit", "leave_one_section_out", "load_model", "open_slide",
+           "read_section", "save_model"]

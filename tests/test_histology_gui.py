@@ -1,0 +1,67 @@
+"""The histology widget in a real napari viewer: fit, predict, gene maps, hover text, cancel, save."""
+
+import numpy as np
+import pytest
+from histology_fixtures import make_st_section
+
+import napari_omicsimage._widgets  # noqa: F401  (keeps triton out before napari creates a GL context)
+from napari_omicsimage._widgets.histology import HistologyWidget
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def widget(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    widget = HistologyWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Histology")
+    folders = [make_st_section(tmp_path / f"S{i}", seed=i) for i in range(3)]
+    widget.train_edit.setPlainText("\n".join(str(f) for f in folders[:2]))
+    widget.section_edit.setText(str(folders[2]))
+    widget.features_combo.setCurrentText("handcrafted+fourier")
+    widget.genes_spin.setValue(4)
+    widget.keep_spin.setValue(0.75)
+    widget.device_combo.setCurrentText("cpu")
+    return viewer, widget
+
+
+def test_fit_and_predict_shows_gene_maps_with_top_genes_on_hover(widget, qtbot, tmp_path):
+    viewer, w = widget
+    w.run_fit()
+    qtbot.waitUntil(lambda: not w.task.running, timeout=120_000)
+    assert w.predictions is not None and w.predictions.n_obs == 64
+    names = [layer.name for layer in viewer.layers]
+    gene = w.gene_combo.currentText()
+    assert {"slide S2", "slide S2 (measured)", f"predicted {gene}", f"measured {gene}"} <= set(names)
+    assert any(name.startswith("Shannon selection") for name in names)
+    predicted = viewer.layers[f"predicted {gene}"]
+    assert predicted.size[0] == pytest.approx(w.section.spot_diameter_px)
+    # the measured copy sits right of the slide
+    assert viewer.layers[f"measured {gene}"].translate[1] > w.section.slide.shape[1]
+    # hover: the spot's row names its top genes with predicted and measured values
+    viewer.layers.selection.active = predicted
+    viewer.mouse_over_canvas = True
+    viewer.cursor.position = tuple(predicted.data_to_world(predicted.data[5]))
+    viewer.update_status_from_cursor()
+    assert "pred" in viewer.tooltip.text and "meas" in viewer.tooltip.text
+    other = w.predictions.var_names[-1]
+    w.gene_combo.setCurrentText(other)
+    assert f"predicted {other}" in [layer.name for layer in viewer.layers]
+    assert f"predicted {gene}" not in [layer.name for layer in viewer.layers]
+    mask = next(layer for layer in viewer.layers if layer.name.startswith("Shannon"))
+    assert set(np.unique(mask.data)) == {0, 1, 2}  # kept and dropped patches both shown
+    saved = w.save_model(tmp_path / "m.pt")
+    assert saved is not None and saved.exists()
+
+
+def test_cancel_stops_the_fit_and_fits_nothing(widget, qtbot):
+    _, w = widget
+    w._cancel.set()  # cancel is asked for before the first batch finishes
+    original = w._cancel.clear
+    w._cancel.clear = lambda: None  # keep it set through _start
+    try:
+        w.run_fit()
+        qtbot.waitUntil(lambda: not w.task.running, timeout=120_000)
+    finally:
+        w._cancel.clear = original
+    assert w.predictions is None and "cancelled" in w.status.text()
