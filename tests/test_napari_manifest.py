@@ -82,4 +82,4 @@ def test_built_wheel_carries_the_manifest_and_napari_discovers_it(tmp_path):
     out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True,
                          cwd=tmp_path, env=clean_env).stdout.split("\n")
     assert str(env_dir) in out[0], f"imported from {out[0]}, not the fresh environment"
-    assert out[1] == "7 pbmc68k_reduced"
+    assert out[1] == "8 pbmc68k_reduced"
