@@ -54,6 +54,10 @@ def synthetic_counts_h5ad(path: str | Path, n_cells: int, n_genes: int = 20_000,
         detect[t, own] = np.minimum(detect[t, own] * 6 + 0.1, 0.9)
         mean_count[t, own] = 3.0
     cumulative = np.cumsum(detect, axis=1)
+    # one increasing array for all types (type t's cumulative probabilities shifted by t × (its max + 1)),
+    # so one searchsorted serves every cell whatever its type
+    shift = float(cumulative[:, -1].max()) + 1.0
+    flat_cumulative = (cumulative + shift * np.arange(n_types)[:, None]).ravel()
     rng = np.random.default_rng([seed, seed if cell_seed is None else cell_seed])
     cell_types = rng.integers(0, n_types, size=n_cells)
     names = np.array([f"type_{t}" for t in range(n_types)])
@@ -73,19 +77,22 @@ def synthetic_counts_h5ad(path: str | Path, n_cells: int, n_genes: int = 20_000,
         indptr = group.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
         indptr[0] = 0
         stored = 0
-        for start in range(0, n_cells, chunk_cells):
-            types = cell_types[start:start + chunk_cells]
+        # a chunk's (cell, gene) pairs are deduplicated in a boolean mask of chunk × genes (np.unique of
+        # the keys hashes and sorts them: 20× slower); at most 2²⁶ entries (64 MB) at a time
+        step = max(1, min(int(chunk_cells), (1 << 26) // n_genes))
+        for start in range(0, n_cells, step):
+            types = cell_types[start:start + step]
             n = len(types)
             size = rng.gamma(4.0, 0.25, size=n)
             draws = rng.poisson(size * cumulative[types, -1])
             cell = np.repeat(np.arange(n), draws)
-            u = rng.random(cell.size) * cumulative[types[cell], -1]
-            gene = np.empty(cell.size, dtype=np.int64)
-            for t in np.unique(types):  # searchsorted per type (its own cumulative probabilities)
-                sel = types[cell] == t
-                gene[sel] = np.searchsorted(cumulative[t], u[sel], side="right")
-            np.minimum(gene, n_genes - 1, out=gene)
-            key = np.unique(cell.astype(np.int64) * n_genes + gene)
+            offset = shift * types[cell]
+            u = rng.random(cell.size) * cumulative[types[cell], -1] + offset
+            gene = np.searchsorted(flat_cumulative, u, side="right") - types[cell].astype(np.int64) * n_genes
+            np.clip(gene, 0, n_genes - 1, out=gene)
+            seen = np.zeros(n * n_genes, dtype=bool)
+            seen[cell.astype(np.int64) * n_genes + gene] = True
+            key = np.flatnonzero(seen)  # sorted by cell, then gene: CSR order
             cell, gene = np.divmod(key, n_genes)
             counts = 1 + rng.poisson(size[cell] * mean_count[types[cell], gene])
             data.resize((stored + key.size,))
