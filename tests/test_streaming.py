@@ -109,6 +109,84 @@ def test_block_shuffled_batches_cover_every_cell_once_and_split_across_ranks(cou
     assert len(set(np.concatenate(parts[0]).tolist()) & set(np.concatenate(parts[1]).tolist())) <= 64
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_and_streamed_loaders_give_identical_batches(counts_file, seed):
+    """The in-memory cache of the preprocessed training cells changes where a batch comes from, not what it is:
+    the same cells in the same order with the same values, every epoch and on every DDP rank."""
+    from napari_omicsimage.streaming.loader import cache_bytes, cache_cells
+
+    adata = open_cells(counts_file)
+    rows = np.sort(np.random.default_rng(seed).choice(900, 700, replace=False))
+    pre = fit_preprocessor(adata, rows, PreprocessConfig(n_top_genes=120))
+    cache = cache_cells(adata, rows, pre, cache_gb=1.0)
+    assert cache is not None and cache.x.indices.dtype == np.int32 and cache.x.data.dtype == np.float32
+    assert cache.x.nnz == pre.training_nonzeros_ and cache.nbytes == cache_bytes(len(rows), cache.x.nnz)
+    unpredicted = cache_cells(adata, rows, pre, cache_gb=1.0, nonzeros=0)  # grown as it goes: the same matrix
+    assert (unpredicted.x != cache.x).nnz == 0
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            options = dict(block_cells=64, fetch_blocks=3, seed=seed, rank=rank, world_size=world_size)
+            streamed = CellBatches(adata, rows, None, pre, 40, **options)
+            cached = CellBatches(adata, rows, None, pre, 40, cache=cache, **options)
+            for epoch in (0, 1):
+                streamed.set_epoch(epoch)
+                cached.set_epoch(epoch)
+                pairs = list(zip(streamed, cached, strict=True))
+                assert len(pairs) == streamed.steps_per_epoch
+                for (x_file, rows_file), (x_memory, rows_memory) in pairs:
+                    np.testing.assert_array_equal(rows_file, rows_memory)
+                    np.testing.assert_array_equal(x_file.toarray(), x_memory.toarray())
+    # over budget: no cache, and no pass over the file to find out
+    assert cache_cells(adata, rows, pre, cache_gb=cache.nbytes / 2**30 / 2) is None
+    assert cache_cells(adata, rows, pre, cache_gb=cache.nbytes / 2**30 / 2, nonzeros=0) is None
+    with pytest.raises(ValueError, match="outside the cache"):
+        cache.take(np.setdiff1d(np.arange(900), rows)[:3])
+
+
+def _qc_threshold(path):
+    """A min_genes that about a third of the cells of ``path`` fail."""
+    detected = np.diff(ad.read_h5ad(path).X.indptr)
+    return int(np.quantile(detected, 0.33))
+
+
+def test_streamed_qc_leaves_out_the_cells_the_in_memory_path_leaves_out(counts_file, tmp_path):
+    """min_genes on the streaming path: the same cells fail QC as in ``Preprocessor.fit``, the statistics,
+    layout and network see only those passing (fold by fold in CV), and every cell is still predicted."""
+    from napari_omicsimage.evaluation import cross_validate
+    from napari_omicsimage.streaming import cross_validate_streaming, train_streaming
+    from napari_omicsimage.streaming.fit import training_rows
+    from napari_omicsimage.training import TrainConfig
+
+    min_genes = _qc_threshold(counts_file)
+    memory, backed = ad.read_h5ad(counts_file), open_cells(counts_file)
+    for seed in (0, 1, 2):
+        rows = np.sort(np.random.default_rng(seed).choice(900, 600, replace=False))
+        config = PreprocessConfig(n_top_genes=150, min_genes=min_genes)
+        expected = Preprocessor(config).fit(memory[rows])
+        streamed = fit_preprocessor(backed, rows, config)
+        assert 0.15 < 1 - expected.qc_passed_.mean() < 0.5  # the test means something
+        np.testing.assert_array_equal(streamed.qc_passed_, expected.qc_passed_)
+        assert streamed.notes_[1:] == expected.notes_[1:]  # "QC: N of M training samples ..."
+        np.testing.assert_array_equal(streamed.genes_, expected.genes_)
+        np.testing.assert_allclose(streamed.min_, expected.min_, rtol=1e-6)
+        np.testing.assert_allclose(streamed.max_, expected.max_, rtol=1e-6)
+        np.testing.assert_array_equal(training_rows(streamed, rows), rows[expected.qc_passed_])
+    config = TrainConfig(model="small", epochs=1, batch_size=32, lr=3e-3, device="cpu",
+                         preprocess=PreprocessConfig(n_top_genes=150, min_genes=min_genes))
+    trained = train_streaming(backed, "cell_type", {"method": "grid"}, config)
+    assert len(trained.predict(memory)) == 900  # failing cells are predicted all the same
+    passed = trained.preprocessor.qc_passed_
+    n_passed = int(passed.sum())
+    # an epoch of the passing cells (a last batch of one cell is skipped: BatchNorm)
+    assert trained.stage_seconds["train_steps"] == n_passed // 32 + (n_passed % 32 > 1)
+    kwargs = dict(folds=2, baseline=False)
+    in_memory = cross_validate(memory, "cell_type", {"method": "grid"}, config, **kwargs)
+    streaming = cross_validate_streaming(backed, "cell_type", {"method": "grid"}, config, **kwargs)
+    n_train = [f["n_train"] for f in in_memory.metrics["folds"]]
+    assert [f["n_train"] for f in streaming.metrics["folds"]] == n_train and max(n_train) < 450
+    assert len(streaming.predictions) == 900
+
+
 def test_stratified_subsample_keeps_class_shares():
     labels = np.array(["a"] * 900 + ["b"] * 90 + ["c"] * 10)
     picked = stratified_subsample(labels, np.arange(1000), 100, seed=0)

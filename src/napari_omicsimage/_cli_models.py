@@ -136,7 +136,9 @@ def _streaming_options(args):
         raise OmicsInputError("--layout-cells must be at least 2.")
     if args.max_steps is not None and args.max_steps < 1:
         raise OmicsInputError("--max-steps must be at least 1.")
-    return StreamingOptions(layout_cells=args.layout_cells, max_steps=args.max_steps)
+    if args.cache_gb < 0:
+        raise OmicsInputError("--cache-gb must be 0 (always read from the file) or more.")
+    return StreamingOptions(layout_cells=args.layout_cells, max_steps=args.max_steps, cache_gb=args.cache_gb)
 
 
 def cmd_train(args) -> int:
@@ -258,6 +260,7 @@ def _under_torchrun() -> bool:
 def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
     from .cli import add_backed_argument
     from .streaming import DEFAULT_LAYOUT_CELLS
+    from .streaming.loader import DEFAULT_CACHE_GB
 
     add_backed_argument(parser)
     if not training:
@@ -267,6 +270,9 @@ def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool)
                              f"(default {DEFAULT_LAYOUT_CELLS:,})")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="streaming: stop after N optimiser steps in all (default: every epoch)")
+    parser.add_argument("--cache-gb", type=float, default=DEFAULT_CACHE_GB, metavar="GB",
+                        help="streaming: hold the preprocessed training cells in memory when they take at most "
+                             f"this many GB (default {DEFAULT_CACHE_GB:g}; 0: read the file every epoch)")
 
 
 # ----------------------------------------------------------------- register

@@ -1,5 +1,8 @@
 """Cross-validation at atlas scale: every fold fitted on its training cells only, streamed.
 
+Each fold's training cells that pass QC are held in memory when they fit
+``options.cache_gb`` (:func:`.loader.cache_cells`), one fold at a time.
+
 The folds, metrics and report are those of
 :func:`napari_omicsimage.evaluation.run_folds`; per fold this fits the
 preprocessing statistics on the fold's training cells (one streaming pass),
@@ -17,7 +20,7 @@ from ..evaluation import CVResult, FoldOutcome, run_folds
 from ..io import check_labels
 from ..models import resolve_device
 from ..training import TrainConfig, TrainedModel
-from .fit import transform_rows
+from .fit import training_rows, transform_rows
 from .run import StreamingOptions, fit_inputs, fit_network_streaming, predict_proba_rows
 
 
@@ -35,8 +38,9 @@ class _StreamingFolds:
         model, history, cancelled = fit_network_streaming(
             adata, train_rows, y, n_classes, preprocessor, layout, subsample, config, self.options,
             device=self.device, progress=progress, fold=fold, n_folds=n_folds)
+        trained_on = training_rows(preprocessor, train_rows)  # QC (min_genes): failing cells teach nothing
         if cancelled:
-            return FoldOutcome(None, history)
+            return FoldOutcome(None, history, train_idx=trained_on)
         trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=self.classes,
                                config=config, fill_values=preprocessor.scaled_mean_)
         proba = np.empty((len(test_rows), n_classes))
@@ -45,7 +49,7 @@ class _StreamingFolds:
         if baseline:
             base = np.empty_like(proba)
             base[test_order] = self._baseline(preprocessor, subsample, y, test_rows, n_classes)
-        return FoldOutcome(proba, history, base)
+        return FoldOutcome(proba, history, base, train_idx=trained_on)
 
     def _baseline(self, preprocessor, subsample, y, test_rows, n_classes):
         from sklearn.linear_model import LogisticRegression

@@ -109,11 +109,14 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
         if rank == 0:
             preprocessor, layout, subsample = fit_inputs(adata, rows, y, layout_spec, config, options, timer)
             shared = [{"preprocess": preprocessor.state(), "scaled_mean": preprocessor.scaled_mean_,
+                       "qc_passed": preprocessor.qc_passed_, "nonzeros": preprocessor.training_nonzeros_,
                        "layout": layout_state(layout), "subsample": subsample}]
         dist.broadcast_object_list(shared, src=0)  # plain arrays and dicts only
         state = shared[0]
         preprocessor = Preprocessor.from_state(state["preprocess"])
         preprocessor.scaled_mean_ = state["scaled_mean"]
+        # QC and the cache's predicted size, so every rank trains on the same cells and decides alike
+        preprocessor.qc_passed_, preprocessor.training_nonzeros_ = state["qc_passed"], state["nonzeros"]
         layout = restore_layout(*state["layout"])
 
         def wrap(model):

@@ -112,30 +112,44 @@ def seurat_highly_variable(mean: np.ndarray, var: np.ndarray, n_top_genes: int) 
     return np.nan_to_num(norm, nan=-np.inf) >= cut
 
 
+def passes_qc(adata: ad.AnnData, rows: np.ndarray, block, config: PreprocessConfig) -> np.ndarray:
+    """The in-memory QC rule (``Preprocessor._qc_mask``: scanpy's ``filter_cells(min_genes=...)``) on one
+    block of raw rows; all True without ``min_genes``."""
+    if not config.min_genes:
+        return np.ones(len(rows), dtype=bool)
+    return Preprocessor(config)._qc_mask(block_anndata(adata, rows, block))
+
+
 def decide_scale_streaming(adata: ad.AnnData, rows: np.ndarray | None, config: PreprocessConfig):
     """:func:`~napari_omicsimage.preprocess.decide_scale` on the first training cells (``rows``; None: all),
-    at most :data:`_LOG_SCALE_PROBE_CELLS` of them."""
+    at most :data:`_LOG_SCALE_PROBE_CELLS` of them, those failing QC left out (as ``Preprocessor.fit``)."""
     rows = np.arange(min(adata.n_obs, _LOG_SCALE_PROBE_CELLS)) if rows is None else rows
     probe = rows[:_LOG_SCALE_PROBE_CELLS]
-    blocks = [block for _, block in iter_row_blocks(adata, probe)]
+    blocks = [block[passes_qc(adata, part, block, config)] for part, block in iter_row_blocks(adata, probe)]
     sample = ad.AnnData(sp.vstack(blocks, format="csr"))
     sample.uns["omicsimage"] = dict(adata.uns.get("omicsimage", {}))
     decision = decide_scale(sample, config.log_scale)
     if config.log_scale is None and sample.uns["omicsimage"].get("log_scale") is None:
-        decision.reason += f" (judged on the first {len(probe):,} training cells)"
+        decision.reason += f" (judged on the first {sample.n_obs:,} training cells)"
     return decision
 
 
 def normalized_blocks(adata: ad.AnnData, rows: np.ndarray, *, log_scale: bool, target_sum, progress=None,
-                      block_rows: int = BLOCK_ROWS):
-    """``(rows, csr)`` of the per-sample-normalised cells (``normalize_samples`` block by block)."""
+                      block_rows: int = BLOCK_ROWS, config: PreprocessConfig | None = None):
+    """``(rows, csr, passed)`` per block: the per-sample-normalised cells that pass QC (``config.min_genes``;
+    none without ``config``) and the QC mask of the block's ``rows``."""
     done = 0
     for part, block in iter_row_blocks(adata, rows, block_rows):
-        norm = normalize_samples(block_anndata(adata, part, block), log_scale=log_scale, target_sum=target_sum)
+        passed = passes_qc(adata, part, block, config) if config is not None else np.ones(len(part), bool)
+        kept, block = part[passed], block[passed] if not passed.all() else block
         done += len(part)
         if progress is not None:
             progress(done, len(rows))
-        yield part, sp.csr_matrix(norm.X)
+        if not len(kept):
+            yield kept, sp.csr_matrix((0, adata.n_vars), dtype=np.float32), passed
+            continue
+        norm = normalize_samples(block_anndata(adata, kept, block), log_scale=log_scale, target_sum=target_sum)
+        yield kept, sp.csr_matrix(norm.X), passed
 
 
 def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: PreprocessConfig | None = None,
@@ -143,20 +157,36 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     """A :class:`Preprocessor` fitted on cells ``rows`` (sorted; default all) in one streaming pass.
 
     Same result as ``Preprocessor(config).fit(adata[rows])`` (up to float
-    rounding of the sums), without holding more than one block of cells.
+    rounding of the sums), without holding more than one block of cells,
+    QC included: cells with fewer than ``config.min_genes`` detected genes are
+    left out of the statistics and marked False in ``qc_passed_`` (one entry
+    per row of ``rows``), so callers train on :func:`training_rows` only.
+    ``training_nonzeros_`` (not saved in checkpoints) counts the stored
+    values of the chosen genes over the cells that passed: what holding them
+    in memory costs (:func:`napari_omicsimage.streaming.loader.cache_cells`).
     ``progress(done, total)`` hears about every block.
     """
     cfg = config or PreprocessConfig()
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
-    if cfg.min_genes:
-        raise OmicsInputError("QC filtering (min_genes) is not supported on the streaming path yet; "
-                              "filter the cells first (scanpy.pp.filter_cells) and write a new .h5ad.")
     decision = decide_scale_streaming(adata, rows, cfg)  # counts with negatives: normalize_samples refuses
     log_scale = decision.log_scale
     stats = GeneStatistics(adata.n_vars, counts_domain=not log_scale)
-    for _, block in normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
-                                      progress=progress):
-        stats.update(block)
+    qc_passed = np.ones(len(rows), dtype=bool)
+    done = 0
+    for _, block, passed in normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
+                                              progress=progress, config=cfg):
+        qc_passed[done:done + len(passed)] = passed
+        done += len(passed)
+        if block.shape[0]:
+            stats.update(block)
+    notes = [decision.describe()]
+    n_passed = int(qc_passed.sum())
+    if n_passed < len(rows):  # the in-memory path's words (Preprocessor.fit)
+        if n_passed < 2:
+            raise OmicsInputError(f"QC (min_genes={cfg.min_genes}) leaves {n_passed} of {len(rows)} training "
+                                  "samples; fitting needs at least two: lower min_genes.")
+        notes.append(f"QC: {len(rows) - n_passed} of {len(rows)} training samples have fewer than "
+                     f"{cfg.min_genes} detected genes and were left out of the fit")
     mean, var = stats.mean_var()
     keep = np.ones(adata.n_vars, dtype=bool)
     if cfg.min_sample_fraction > 0:
@@ -176,8 +206,8 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     else:
         chosen = candidates
     preprocessor = Preprocessor(cfg)
-    preprocessor.qc_passed_ = np.ones(len(rows), dtype=bool)  # no QC on this path (refused above)
-    preprocessor.notes_ = [decision.describe()]
+    preprocessor.qc_passed_ = qc_passed
+    preprocessor.notes_ = notes
     preprocessor.log_scale_ = bool(log_scale)
     preprocessor.genes_ = np.asarray(adata.var_names[chosen], dtype=object)
     preprocessor.min_ = stats.minimum[chosen].astype(np.float32)
@@ -186,7 +216,20 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     # training cells every value lies in [min, max], so scaling is affine there and the mean follows
     span = np.where(preprocessor.max_ > preprocessor.min_, preprocessor.max_ - preprocessor.min_, 1.0)
     preprocessor.scaled_mean_ = ((mean[chosen] - preprocessor.min_) / span).astype(np.float32)
+    preprocessor.training_nonzeros_ = int(stats.stored[chosen].sum())
     return preprocessor
+
+
+def training_rows(preprocessor: Preprocessor, rows: np.ndarray) -> np.ndarray:
+    """The cells of ``rows`` (those the preprocessor was fitted on) that passed QC: what layout and network
+    learn from.  A preprocessor without ``qc_passed_`` (restored from a checkpoint) keeps them all."""
+    passed = getattr(preprocessor, "qc_passed_", None)
+    rows = np.asarray(rows, dtype=np.int64)
+    if passed is None or passed.all():
+        return rows
+    if len(passed) != len(rows):
+        raise ValueError(f"qc_passed_ covers {len(passed)} cells, not the {len(rows)} rows given")
+    return rows[passed]
 
 
 def prepare_block(adata: ad.AnnData, rows: np.ndarray, block, preprocessor: Preprocessor) -> sp.csr_matrix:

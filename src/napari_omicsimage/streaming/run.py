@@ -25,8 +25,8 @@ from ..outputs import write_output_file
 from ..preprocess import Preprocessor
 from ..training import ProgressEvent, TrainConfig, TrainedModel, class_indices, recalibrate_batchnorm, train_loop
 from .cells import block_anndata, iter_row_blocks
-from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor
-from .loader import CellBatches, StreamingBatches
+from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor, training_rows
+from .loader import DEFAULT_CACHE_GB, CellBatches, StreamingBatches, cache_cells
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class StreamingOptions:
     #: contiguous cells per shuffled block, blocks read together (see loader.CellBatches)
     block_cells: int = 256
     fetch_blocks: int = 16
+    #: GB the preprocessed training cells may take in memory (0: always stream from the file)
+    cache_gb: float = DEFAULT_CACHE_GB
 
 
 @dataclass
@@ -67,10 +69,11 @@ def label_codes(adata: ad.AnnData, label_column: str) -> tuple[list[str], np.nda
 
 def fit_inputs(adata: ad.AnnData, rows: np.ndarray, y: np.ndarray, layout_spec: dict, config: TrainConfig,
                options: StreamingOptions, timer: StageTimer | None = None):
-    """``(preprocessor, layout, subsample_rows)`` fitted on the cells ``rows``."""
+    """``(preprocessor, layout, subsample_rows)`` fitted on the cells ``rows`` (the layout on those passing QC)."""
     timer = timer or StageTimer()
     preprocessor = timer.run("preprocess", fit_preprocessor, adata, rows, config.preprocess)
-    layout, subsample = timer.run("layout", fit_layout_on_subsample, adata, rows, preprocessor, layout_spec,
+    layout, subsample = timer.run("layout", fit_layout_on_subsample, adata, training_rows(preprocessor, rows),
+                                  preprocessor, layout_spec,
                                   labels=y, layout_cells=options.layout_cells, seed=int(config.seed))
     return preprocessor, layout, subsample
 
@@ -78,8 +81,13 @@ def fit_inputs(adata: ad.AnnData, rows: np.ndarray, y: np.ndarray, layout_spec: 
 def fit_network_streaming(adata, rows, y, n_classes: int, preprocessor: Preprocessor, layout, subsample,
                           config: TrainConfig, options: StreamingOptions, *, device, progress=None,
                           rank: int = 0, world_size: int = 1, wrap=None, fold=None, n_folds=None,
-                          timer: StageTimer | None = None):
+                          timer: StageTimer | None = None, cache=None):
     """Train a fresh network on block-shuffled batches; returns ``(model, history, cancelled)``.
+
+    ``rows`` are the cells the preprocessor was fitted on; those failing its QC
+    are left out (:func:`.fit.training_rows`).  The preprocessed training cells
+    are held in memory when they fit ``options.cache_gb`` (or ``cache``, a
+    :class:`.loader.CellCache` of them, is given).
 
     ``wrap`` (e.g. ``DistributedDataParallel``) wraps the network after it is
     on ``device``; ``config.batch_size`` is then the global batch and each of
@@ -90,14 +98,17 @@ def fit_network_streaming(adata, rows, y, n_classes: int, preprocessor: Preproce
     if int(config.batch_size) % world_size:
         raise OmicsInputError(f"batch size {config.batch_size} does not split over {world_size} processes; "
                               f"use a multiple of {world_size}.")
+    timer = timer or StageTimer()
+    rows = training_rows(preprocessor, rows)
+    if cache is None and options.cache_gb > 0:
+        cache = timer.run("cache", cache_cells, adata, rows, preprocessor, options.cache_gb)
     torch.manual_seed(int(config.seed))
     model = build_model(config.model, layout.n_channels, n_classes, weights=config.weights).to(device)
     trained = wrap(model) if wrap is not None else model
     dataset = CellBatches(adata, rows, y, preprocessor, int(config.batch_size) // world_size,
                           block_cells=options.block_cells, fetch_blocks=options.fetch_blocks,
-                          seed=int(config.seed), rank=rank, world_size=world_size)
+                          seed=int(config.seed), rank=rank, world_size=world_size, cache=cache)
     source = StreamingBatches(dataset, layout, device, subsample)
-    timer = timer or StageTimer()
     history, cancelled = timer.run("train", train_loop, trained, source, replace(config, recalibrate_batchnorm=False),
                                    progress=progress, fold=fold, n_folds=n_folds, max_steps=options.max_steps)
     if config.recalibrate_batchnorm and history:  # on the layout's subsample: bounded, and timed apart
