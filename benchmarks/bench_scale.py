@@ -79,33 +79,87 @@ class _StageLog:
             self.seconds[name] = float(value.strip().split()[0])
 
 
+class _Interleaved:
+    """Pipeline and network alone, measured in alternating segments of ``steps`` optimiser steps, in one run.
+
+    Wraps :meth:`StreamingBatches.epoch`: the time from one batch's hand-over to the next (fetching it from
+    the loader, which prefetches in a thread, rendering it, and the training step on it) adds to the pipeline;
+    after every ``steps`` batches the same network alone (``build_model``, Adam, one fixed synthetic batch
+    already in memory: ``bench_training.backbone_throughput``'s step) trains ``steps`` steps, timed apart.
+    The load of a shared machine changes over minutes; alternating every few seconds puts both under the same
+    load, which measuring one after the other did not (docs/benchmarks.md#scale).
+    """
+
+    def __init__(self, model_name: str, steps: int):
+        self.model_name, self.steps = model_name, int(steps)
+        self.pipeline_seconds = self.network_seconds = 0.0
+        self.pipeline_images = self.network_images = 0
+        self.network = None
+
+    def install(self):
+        from napari_omicsimage.streaming import loader
+
+        original, meter = loader.StreamingBatches.epoch, self
+
+        def epoch(source, number):
+            last = time.perf_counter()
+            for i, item in enumerate(original(source, number)):
+                yield item  # the training step runs here
+                now = time.perf_counter()
+                meter.pipeline_seconds += now - last
+                meter.pipeline_images += int(item[2].shape[0])
+                if (i + 1) % meter.steps == 0:
+                    meter.network_segment(source, tuple(item[1].shape))
+                last = time.perf_counter()
+
+        loader.StreamingBatches.epoch = epoch
+
+    def network_segment(self, source, shape):
+        import torch
+
+        from napari_omicsimage.models import build_model
+
+        if self.network is None:
+            torch.manual_seed(0)
+            n_classes = int(source.dataset.y.max()) + 1
+            model = build_model(self.model_name, shape[1], n_classes).to(source.device).train()
+            self.network = (model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.nn.CrossEntropyLoss(),
+                            torch.rand(shape, device=source.device),
+                            torch.arange(shape[0], device=source.device) % n_classes)
+        model, optimiser, loss_fn, images, targets = self.network
+        started = time.perf_counter()
+        for _ in range(self.steps):
+            optimiser.zero_grad(set_to_none=True)
+            loss_fn(model(images), targets).backward()
+            optimiser.step()
+        float(loss_fn(model(images[:2]), targets[:2]).detach())  # CPU: done; on a GPU this waits for it
+        self.network_seconds += time.perf_counter() - started
+        self.network_images += self.steps * shape[0]
+
+
 def child_ours_train(args) -> dict:
     import torch
 
     from napari_omicsimage.cli import main
-    from napari_omicsimage.models import resolve_device
-    from napari_omicsimage.training import TrainConfig
 
     stages = _StageLog()
+    seconds = stages.seconds
+    meter = _Interleaved(args.model, args.segment_steps)
+    meter.install()
     started = time.perf_counter()
     code = main(["-v", "train", args.file, "--label-column", LABEL, "--counts", "--backed", "yes",
                  "--method", "deepinsight", "--model", args.model, "--epochs", "1", "--max-steps", str(args.steps),
-                 "--batch-size", str(args.batch_size), "--device", args.device, "--out", args.model_file])
+                 "--batch-size", str(args.batch_size), "--device", args.device, "--out", args.model_file,
+                 *(["--cache-gb", str(args.cache_gb)] if args.cache_gb is not None else [])])
     total = time.perf_counter() - started
-    peak = _peak_mb()
-    from bench_training import backbone_throughput
-
-    from napari_omicsimage.checkpoint import load_checkpoint
-
-    trained = load_checkpoint(args.model_file, device="cpu")
-    device = resolve_device(args.device)
-    steps = int(stages.seconds.get("train_steps", args.steps))
-    pipeline = steps * args.batch_size / stages.seconds["train"]
-    network = backbone_throughput(args.model, device, (args.batch_size, trained.layout.n_channels,
-                                                       *trained.layout.shape), len(trained.classes),
-                                  min(steps, 100), TrainConfig(model=args.model, lr=1e-3))
-    return {"code": code, "seconds": total, "peak_mb": peak, "stages": stages.seconds,
-            "pipeline_ips": pipeline, "network_ips": network, "threads": torch.get_num_threads()}
+    pipeline = meter.pipeline_images / meter.pipeline_seconds
+    network = meter.network_images / meter.network_seconds if meter.network_images else None
+    # the train stage also ran the network-alone segments: the pipeline's own seconds are the training's
+    seconds["train_with_network_segments"] = seconds.get("train")
+    seconds["train"] = round(meter.pipeline_seconds, 3)
+    return {"code": code, "seconds": total, "peak_mb": _peak_mb(), "stages": seconds,
+            "pipeline_ips": pipeline, "network_ips": network, "threads": torch.get_num_threads(),
+            "cache_gb": args.cache_gb}
 
 
 def child_ours_predict(args) -> dict:
@@ -284,6 +338,7 @@ def bench_size(n_cells: int, args, folder: Path) -> dict:
     synthetic_counts_h5ad(data, n_cells, args.genes, density=args.density, seed=0)
     row["write_seconds"] = time.perf_counter() - started
     row["file_mb"] = data.stat().st_size / 2**20
+    print(f"  wrote {data.name}: {row['file_mb']:,.0f} MB in {row['write_seconds']:.0f} s", flush=True)
     test = folder / "held_out.h5ad"
     if not test.exists():
         synthetic_counts_h5ad(test, args.test_cells, args.genes, density=args.density, seed=0, cell_seed=99,
@@ -292,18 +347,24 @@ def bench_size(n_cells: int, args, folder: Path) -> dict:
     common = {"cap_gb": args.cap_gb, "threads": args.threads, "timeout": args.timeout}
     train = {"failed": "not run (--tools)"}
     if "ours" in args.tools:
+        cache = {} if args.cache_gb is None else {"cache_gb": args.cache_gb}
         train = run_child("ours-train", **common, file=data, model_file=model_file, steps=args.steps,
-                          batch_size=args.batch_size, model=args.model, device=args.device)
+                          batch_size=args.batch_size, model=args.model, device=args.device,
+                          segment_steps=args.segment_steps, **cache)
         print(f"  ours train: {json.dumps(train)}", flush=True)
     row["ours_train"] = train
-    if "failed" not in train:
-        for name, path in (("ours_predict_all", data), ("ours_predict_test", test)):
-            if name == "ours_predict_all" and n_cells > args.predict_all_max:
-                row[name] = {"failed": f"not run: above --predict-all-max {args.predict_all_max:,} cells (time)"}
-                continue
-            row[name] = run_child("ours-predict", **common, file=path, model_file=model_file,
-                                  out_csv=folder / f"{name}_{n_cells}.csv", device=args.device)
-            print(f"  {name}: {json.dumps(row[name])}", flush=True)
+
+    def predict(name, path):
+        if "failed" in train:
+            return
+        if name == "ours_predict_all" and n_cells > args.predict_all_max:
+            row[name] = {"failed": f"not run: above --predict-all-max {args.predict_all_max:,} cells (time)"}
+            return
+        row[name] = run_child("ours-predict", **common, file=path, model_file=model_file,
+                              out_csv=folder / f"{name}_{n_cells}.csv", device=args.device)
+        print(f"  {name}: {json.dumps(row[name])}", flush=True)
+
+    predict("ours_predict_test", test)
     reference = {**common, "cap_gb": args.cap_gb_reference or args.cap_gb}
     if "celltypist" in args.tools:
         row["celltypist"] = run_child("celltypist", **reference, file=data, test_file=test)
@@ -315,6 +376,7 @@ def bench_size(n_cells: int, args, folder: Path) -> dict:
         else:
             row["deepinsight"] = run_child("deepinsight", **reference, file=data)
         print(f"  deepinsight: {json.dumps(row['deepinsight'])}", flush=True)
+    predict("ours_predict_all", data)  # last: at 10⁶ cells the longest stage, and the others are in by then
     for path in folder.glob(f"*_{n_cells}.*"):
         path.unlink()
     return row
@@ -349,9 +411,9 @@ def trust_report(args, folder: Path) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cells × genes | file | tool | peak memory | read | preprocess | layout | train (steps) | "
-             "calibrate | predict all | pipeline / network img/s | held-out accuracy |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cells × genes | file | tool | peak memory | read | preprocess | cells into memory | layout | "
+             "train (steps) | calibrate | predict all | pipeline / network img/s | held-out accuracy |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         size = f"{row['cells']:,} × {row['genes']:,}"
         train = row["ours_train"]
@@ -361,16 +423,16 @@ def table(rows: list[dict]) -> str:
         test = row.get("ours_predict_test", {})
         peak = max(train.get("peak_mb", 0), predict_all.get("peak_mb", 0), test.get("peak_mb", 0))
         ratio = (f"{train['pipeline_ips']:,.0f} / {train['network_ips']:,.0f} = "
-                 f"{train['pipeline_ips'] / train['network_ips']:.2f}") if "pipeline_ips" in train else "–"
+                 f"{train['pipeline_ips'] / train['network_ips']:.2f}") if train.get("network_ips") else "–"
         if train.get("failed") == "not run (--tools)":
-            lines.append(f"| {size} | {row['file_mb']:,.0f} MB | ours: in another run | | | | | | | | | |")
+            lines.append(f"| {size} | {row['file_mb']:,.0f} MB | ours: in another run | | | | | | | | | | |")
         else:
             status = f" ({train['failed']})" if "failed" in train else ""
             lines.append(
                 f"| {size} | {row['file_mb']:,.0f} MB | ours{status} | {peak / 1024:.2f} GB (train "
                 f"{train.get('peak_mb', 0) / 1024:.2f}, predict {predict_all.get('peak_mb', 0) / 1024:.2f}) | "
                 f"{_fmt(stages.get('read'), '.1f')} s | {_fmt(stages.get('preprocess'), '.1f')} s | "
-                f"{_fmt(stages.get('layout'), '.1f')} s | {_fmt(stages.get('train'), '.1f')} s "
+                f"{_fmt(stages.get('cache'), '.1f')} s | {_fmt(stages.get('layout'), '.1f')} s | {_fmt(stages.get('train'), '.1f')} s "
                 f"({_fmt(stages.get('train_steps'), '.0f')}) | {_fmt(stages.get('calibrate'), '.1f')} s | "
                 f"{predict_note or _fmt(predict_all.get('seconds'), '.0f') + ' s'} | {ratio} | "
                 f"{_fmt(test.get('accuracy'), '.3f')} |")
@@ -381,14 +443,14 @@ def table(rows: list[dict]) -> str:
             name = {"celltypist": "CellTypist", "deepinsight": "pyDeepInsight ImageTransformer"}[tool]
             if "failed" in result:
                 lines.append(f"| {size} | | {name} | {result.get('peak_mb', 0) / 1024:.2f} GB | {result['failed']} "
-                             "| | | | | | | |")
+                             "| | | | | | | | |")
                 continue
             if tool == "celltypist":
                 lines.append(f"| {size} | | {name} | {result['peak_mb'] / 1024:.2f} GB | "
-                             f"{result['read_seconds']:.1f} s (read + normalise) | | | "
+                             f"{result['read_seconds']:.1f} s (read + normalise) | | | | "
                              f"{result['train_seconds']:.1f} s (all cells) | | | | {result['accuracy']:.3f} |")
             else:
-                lines.append(f"| {size} | | {name} | {result['peak_mb'] / 1024:.2f} GB | | | "
+                lines.append(f"| {size} | | {name} | {result['peak_mb'] / 1024:.2f} GB | | | | "
                              f"fit + transform {result['seconds']:.0f} s | | | | | |")
     return "\n".join(lines)
 
@@ -419,6 +481,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--model", default="small")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-gb", type=float, default=None,
+                        help="our training's --cache-gb (default: the CLI's; 0 streams from the file every epoch)")
+    parser.add_argument("--segment-steps", type=int, default=20,
+                        help="steps per alternating pipeline / network-alone segment (default 20)")
     parser.add_argument("--tools", nargs="+", default=["ours", "celltypist", "deepinsight"])
     parser.add_argument("--predict-all-max", type=int, default=200_000,
                         help="predict every cell of the file up to this size (above: the held-out cells only)")
