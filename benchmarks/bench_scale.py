@@ -183,6 +183,12 @@ def _normalised_in_memory(path):
     import scanpy as sc
 
     adata = ad.read_h5ad(path)  # sparse in memory: CellTypist needs the matrix
+    x = adata.X
+    if x.indptr.dtype != x.indices.dtype and x.nnz < 2**31:
+        # h5ad files often store int64 row pointers beside int32 indices; scikit-learn's sparse statistics
+        # (CellTypist's StandardScaler) need one index type ("Buffer dtype mismatch ... 'long'"); the values
+        # are the same
+        x.indptr = x.indptr.astype(x.indices.dtype)
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     return adata

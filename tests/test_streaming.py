@@ -320,8 +320,10 @@ def _peak_growth_kb(path, tmp_path, backed="yes"):
 def test_streamed_training_memory_does_not_grow_with_the_cells(tmp_path):
     """Train (10 steps) on 8,000 and on 40,000 cells × 6,000 genes, each in a fresh child process: the peak
     memory of the larger run exceeds the smaller one's by less than a quarter of the extra dense matrix
-    (768 MB of float32). Bounded memory means the difference is the per-cell labels and names only; a dense
-    copy of the cells × genes matrix anywhere (the in-memory path makes several) breaks it."""
+    (768 MB of float32). Bounded memory means the difference is the per-cell labels and names plus what grows
+    with the cells by design, the preprocessed training cells held in memory (``--cache-gb``, capped by it:
+    here 32,000 extra cells × 200 genes at ~3 % non-zero, about 2 MB); a dense copy of the cells × genes
+    matrix anywhere (the in-memory path makes several) breaks it."""
     small = synthetic_counts_h5ad(tmp_path / "small.h5ad", 8_000, 6_000, n_types=5, density=0.03, seed=0)
     large = synthetic_counts_h5ad(tmp_path / "large.h5ad", 40_000, 6_000, n_types=5, density=0.03, seed=0)
     extra_dense_kb = (40_000 - 8_000) * 6_000 * 4 / 1024
