@@ -12,6 +12,10 @@ with one GPU per process when CUDA has enough devices, gloo on CPUs otherwise.
   ranks like ``DistributedSampler``; every rank reads only its own blocks and
   takes ``batch_size / N`` cells a step, so ``--batch-size`` stays the global
   batch and the learning rate means the same as on one process.
+* Every rank holds the preprocessed training cells in memory when they fit
+  ``--cache-gb`` (the budget is per process: the blocks a rank draws change
+  every epoch, so each one holds them all); rank 0 sends the predicted size
+  and the QC mask, so the ranks decide alike and train on the same cells.
 * On GPUs BatchNorm layers become ``SyncBatchNorm`` (statistics over the global
   batch, as on one process).  torch has no CPU SyncBatchNorm, so with gloo each
   rank normalises over its share of the batch: that is why a CPU run on N
