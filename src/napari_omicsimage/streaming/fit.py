@@ -135,9 +135,17 @@ def decide_scale_streaming(adata: ad.AnnData, rows: np.ndarray | None, config: P
 
 
 def normalized_blocks(adata: ad.AnnData, rows: np.ndarray, *, log_scale: bool, target_sum, progress=None,
-                      block_rows: int = BLOCK_ROWS, config: PreprocessConfig | None = None):
+                      block_rows: int = BLOCK_ROWS):
+    """``(rows, csr)`` of the per-sample-normalised cells (``normalize_samples`` block by block)."""
+    for part, block, _ in qc_normalized_blocks(adata, rows, log_scale=log_scale, target_sum=target_sum,
+                                               progress=progress, block_rows=block_rows):
+        yield part, block
+
+
+def qc_normalized_blocks(adata: ad.AnnData, rows: np.ndarray, *, log_scale: bool, target_sum, progress=None,
+                         block_rows: int = BLOCK_ROWS, config: PreprocessConfig | None = None):
     """``(rows, csr, passed)`` per block: the per-sample-normalised cells that pass QC (``config.min_genes``;
-    none without ``config``) and the QC mask of the block's ``rows``."""
+    every cell without ``config``) and the QC mask of all the block's rows."""
     done = 0
     for part, block in iter_row_blocks(adata, rows, block_rows):
         passed = passes_qc(adata, part, block, config) if config is not None else np.ones(len(part), bool)
@@ -173,8 +181,8 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     stats = GeneStatistics(adata.n_vars, counts_domain=not log_scale)
     qc_passed = np.ones(len(rows), dtype=bool)
     done = 0
-    for _, block, passed in normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
-                                              progress=progress, config=cfg):
+    for _, block, passed in qc_normalized_blocks(adata, rows, log_scale=log_scale, target_sum=cfg.target_sum,
+                                                 progress=progress, config=cfg):
         qc_passed[done:done + len(passed)] = passed
         done += len(passed)
         if block.shape[0]:
