@@ -220,6 +220,11 @@ def child_celltypist(args) -> dict:
     trained = time.perf_counter() - started
     del adata
     test = _normalised_in_memory(args.test_file)
+    if not model.scaler.with_mean:
+        # CellTypist 1.7.1 scales a sparse matrix by dividing it by a dense array, which scipy ≥ 1.15 returns
+        # as COO, and then assigns into it ("'coo_matrix' object does not support item assignment"): give it
+        # the held-out cells dense (20,000 × 20,000 float32: 1.6 GB)
+        test.X = test.X.toarray()
     predictions = celltypist.annotate(test, model=model, majority_voting=False)
     labels = predictions.predicted_labels["predicted_labels"].astype(str).to_numpy()
     accuracy = float((labels == test.obs[LABEL].astype(str).to_numpy()).mean())
