@@ -290,7 +290,48 @@ def child_trust(args) -> dict:
     return report
 
 
-CHILDREN = {"trust": child_trust, "ours-train": child_ours_train, "ours-predict": child_ours_predict, "celltypist": child_celltypist,
+def child_ratio(args) -> dict:
+    """Pipeline against the network alone on ``--file`` with the preprocessing and layout of ``--model-file``.
+
+    The same training as ``omicsimage train`` (``CellBatches`` with the cells held in memory within
+    ``--cache-gb``, ``StreamingBatches``, ``train_loop``, a fresh network) for ``--steps`` steps, alternating
+    with the network alone every ``--segment-steps`` steps; without the preprocessing pass and layout fit.
+    """
+    import numpy as np
+    import torch
+
+    from napari_omicsimage.checkpoint import load_checkpoint
+    from napari_omicsimage.models import build_model, resolve_device
+    from napari_omicsimage.streaming import open_cells
+    from napari_omicsimage.streaming.loader import DEFAULT_CACHE_GB, CellBatches, StreamingBatches, cache_cells
+    from napari_omicsimage.streaming.run import label_codes
+    from napari_omicsimage.training import TrainConfig, train_loop
+
+    device = resolve_device(args.device)
+    trained = load_checkpoint(args.model_file, device="cpu")
+    adata = open_cells(args.file, label_column=LABEL)
+    classes, y = label_codes(adata, LABEL)
+    rows = np.arange(adata.n_obs)
+    started = time.perf_counter()
+    budget = DEFAULT_CACHE_GB if args.cache_gb is None else args.cache_gb
+    cache = cache_cells(adata, rows, trained.preprocessor, budget)
+    cache_seconds = time.perf_counter() - started
+    meter = _Interleaved(args.model, args.segment_steps)
+    meter.install()
+    dataset = CellBatches(adata, rows, y, trained.preprocessor, args.batch_size, seed=0, cache=cache)
+    source = StreamingBatches(dataset, trained.layout, device, rows[:1000])
+    torch.manual_seed(0)
+    model = build_model(args.model, trained.layout.n_channels, len(classes)).to(device)
+    config = TrainConfig(model=args.model, epochs=1, batch_size=args.batch_size, lr=1e-3,
+                         recalibrate_batchnorm=False)
+    train_loop(model, source, config, max_steps=args.steps)
+    return {"code": 0, "peak_mb": _peak_mb(), "cache_gb": None if cache is None else cache.nbytes / 2**30,
+            "cache_seconds": cache_seconds, "segment_steps": args.segment_steps, "steps": args.steps,
+            "pipeline_ips": meter.pipeline_images / meter.pipeline_seconds,
+            "network_ips": meter.network_images / meter.network_seconds}
+
+
+CHILDREN = {"ratio": child_ratio, "trust": child_trust, "ours-train": child_ours_train, "ours-predict": child_ours_predict, "celltypist": child_celltypist,
             "deepinsight": child_deepinsight}
 
 
@@ -513,6 +554,9 @@ def parse_args(argv=None):
                         help="instead: generate CELLS cells and compare layout trustworthiness, fitted on all cells "
                              "and on --trust-cells subsamples")
     parser.add_argument("--trust-cells", type=int, nargs="+", default=[20_000, 5_000])
+    parser.add_argument("--ratio", default=None, metavar="H5AD",
+                        help="instead: pipeline vs network alone on this file, with --model-file's preprocessing "
+                             "and layout (e.g. one the size run wrote), --steps steps in --segment-steps segments")
     for name in ("file", "test-file", "model-file", "out-csv", "report"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -530,6 +574,17 @@ def main(argv=None) -> str:
     folder = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.tmp))
     if args.trust:
         return trust_report(args, folder)
+    if args.ratio:
+        shutil.rmtree(folder, ignore_errors=True)
+        result = run_child("ratio", cap_gb=args.cap_gb, threads=args.threads, timeout=args.timeout,
+                           file=args.ratio, model_file=args.model_file, steps=args.steps, batch_size=args.batch_size,
+                           model=args.model, device=args.device, segment_steps=args.segment_steps,
+                           **({} if args.cache_gb is None else {"cache_gb": args.cache_gb}))
+        print(json.dumps(result))
+        if "failed" not in result:
+            print(f"pipeline / network alone: {result['pipeline_ips']:.1f} / {result['network_ips']:.1f} img/s = "
+                  f"{result['pipeline_ips'] / result['network_ips']:.2f}")
+        return json.dumps(result)
     rows = []
     try:
         for n_cells in args.sizes:
