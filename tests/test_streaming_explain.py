@@ -190,3 +190,41 @@ def test_streamed_explain_memory_does_not_grow_with_the_cells(model_and_cells, t
           f"{memory[250] / 1e6:.2f} → {memory[1000] / 1e6:.2f}; 750 cells' outputs {extra / 1e6:.2f} MB")
     assert memory_growth > extra, (memory_growth, extra)
     assert growth < extra / 10, (growth, extra)
+
+
+def test_streamed_evaluate_fits_every_fold_on_its_training_cells_only(model_and_cells, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`evaluate --backed yes`: the preprocessing statistics, the layout and the baseline of each fold see
+    only that fold's training cells (recorded, and checked against the folds `stratified_folds` makes);
+    `--compare-model` runs on the same folds; progress shows folds and tenths of epochs."""
+    from napari_omicsimage.evaluation import stratified_folds
+    from napari_omicsimage.streaming import cv, run
+
+    _, cells = model_and_cells
+    seen = []
+
+    def recorder(name, fn, position):
+        def wrapped(*args, **kwargs):
+            seen.append((name, np.asarray(args[position])))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(run, "fit_preprocessor", recorder("preprocess", run.fit_preprocessor, 1))
+    monkeypatch.setattr(run, "fit_layout_on_subsample", recorder("layout", run.fit_layout_on_subsample, 1))
+    monkeypatch.setattr(cv, "transform_rows", recorder("baseline", cv.transform_rows, 1))
+    out = tmp_path / "cv"
+    assert main(["evaluate", str(cells), "--label-column", "cell_type", *FAST, "--epochs", "1", "--folds", "2",
+                 "--backed", "yes", "--layout-cells", "60", "--compare-model", "resnet18", "--out", str(out)]) == 0
+    labels = ad.read_h5ad(cells).obs["cell_type"].astype(str).to_numpy()
+    folds = stratified_folds(labels, 2, 0)
+    # per fold and model: preprocess, layout, (baseline for the first model only)
+    assert [name for name, _ in seen] == ["preprocess", "layout", "baseline"] * 2 + ["preprocess", "layout"] * 2
+    fold_of_call = [0, 0, 0, 1, 1, 1, 0, 0, 1, 1]
+    for (name, rows), f in zip(seen, fold_of_call):
+        train_idx, test_idx = folds[f]
+        assert np.isin(rows, train_idx).all() and not np.isin(rows, test_idx).any(), (name, f)
+        assert len(rows) == (60 if name == "baseline" else len(train_idx)), (name, len(rows))  # layout: subsamples
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["comparison"]["model_b"] == "resnet18" and len(metrics["compare_model"]["folds"]) == 2
+    err = capsys.readouterr().err
+    assert "fold 2/2" in err and "batch: fold 1/2, epoch 1/1, batch" in err

@@ -72,18 +72,23 @@ def _max_missing(args) -> dict:
 
 
 class _ConsoleProgress:
-    """One line per epoch (with -v) and per fold on stderr."""
+    """One line per epoch (with -v) and per fold on stderr; ``batches``: also about every tenth of an epoch
+    (streaming: an epoch over 10⁵+ cells is long)."""
 
-    def __init__(self, verbose: bool):
-        self.verbose = verbose
+    def __init__(self, verbose: bool, *, batches: bool = False):
+        self.verbose, self.batches = verbose, batches
 
     def __call__(self, event):
-        if event.stage == "fold" or (event.stage == "epoch" and self.verbose):
+        tenth = event.stage == "batch" and self.batches and event.n_batches and \
+            (event.batch + 1) % max(event.n_batches // 10, 1) == 0 and event.batch + 1 < event.n_batches
+        if event.stage == "fold" or (event.stage == "epoch" and self.verbose) or tenth:
             print(event.describe(), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
 def cmd_evaluate(args) -> int:
+    from functools import partial
+
     from .cli import check_out, command_inputs, layout_spec, load_input
     from .evaluation import cross_validate, write_report
     from .reports import metrics_table
@@ -94,26 +99,25 @@ def cmd_evaluate(args) -> int:
     config = _train_config(args)
     adata, label_column = load_input(args)
     spec = layout_spec(args)
-    progress = _ConsoleProgress(args.verbose)
     started = time.perf_counter()
-    if adata.isbacked:
+    if adata.isbacked:  # every fold fitted on its training cells, streamed (streaming/cv.py)
         from .streaming import cross_validate_streaming
 
-        if args.transductive or args.compare_model:
-            raise OmicsInputError("--transductive and --compare-model are not available on the streaming path; "
-                                  "use --backed no on data that fit in memory.")
-        result = cross_validate_streaming(adata, label_column, spec, config, _streaming_options(args),
-                                          folds=args.folds, progress=progress)
+        if args.transductive:
+            raise OmicsInputError("--transductive is not available on the streaming path (it fits on all cells, "
+                                  "which is optimistic anyway); use --backed no on data that fit in memory.")
+        progress = _ConsoleProgress(True, batches=True)
+        run = partial(cross_validate_streaming, options=_streaming_options(args))
     else:
-        result = cross_validate(adata, label_column, spec, config, folds=args.folds,
-                                transductive=args.transductive, progress=progress)
+        progress = _ConsoleProgress(args.verbose)
+        run = partial(cross_validate, transductive=args.transductive)
+    result = run(adata, label_column, spec, config, folds=args.folds, progress=progress)
     if args.compare_model is not None:
         from dataclasses import replace
 
         print(f"cross-validating {args.compare_model} on the same folds for the Wilcoxon test", file=sys.stderr)
-        other = cross_validate(adata, label_column, spec, replace(config, model=args.compare_model),
-                               folds=args.folds, transductive=args.transductive, progress=progress,
-                               baseline=False)
+        other = run(adata, label_column, spec, replace(config, model=args.compare_model), folds=args.folds,
+                    progress=progress, baseline=False)
         result.compare(other)
     elapsed = time.perf_counter() - started
     result.metrics["seconds"] = round(elapsed, 1)
