@@ -228,3 +228,37 @@ def test_streamed_evaluate_fits_every_fold_on_its_training_cells_only(model_and_
     assert metrics["comparison"]["model_b"] == "resnet18" and len(metrics["compare_model"]["folds"]) == 2
     err = capsys.readouterr().err
     assert "fold 2/2" in err and "batch: fold 1/2, epoch 1/1, batch" in err
+
+
+def test_streamed_render_writes_the_in_memory_images_block_by_block(model_and_cells, tmp_path, capsys):
+    """`render --backed yes` equals `--backed no` file by file when the layout sees every cell; with a smaller
+    --layout-cells it says so; its traced peak memory (tracemalloc) rendering 20,000 cells exceeds that of 5,000
+    by less than a tenth of the 15,000 extra images (images go to disk; an in-memory stack is 61 MB more)."""
+    from napari_omicsimage.streaming.render import render_streaming
+
+    _, cells = model_and_cells
+    common = ["render", str(cells), "--label-column", "cell_type", "--method", "grid", "--n-top-genes", "100"]
+    for backed in ("yes", "no"):
+        assert main([*common, "--backed", backed, "--out", str(tmp_path / backed)]) == 0
+    assert "wrote 240 images of shape (1, 10, 10)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(tmp_path / "yes" / "images.npy"), np.load(tmp_path / "no" / "images.npy"))
+    for name in ("samples.csv", "pixel_genes.csv"):
+        assert pd.read_csv(tmp_path / "yes" / name).equals(pd.read_csv(tmp_path / "no" / name)), name
+    yes, no = (json.loads((tmp_path / b / "layout.json").read_text()) for b in ("yes", "no"))
+    assert yes["genes"] == no["genes"] and yes["shape"] == no["shape"] == [240, 1, 10, 10]
+    assert main([*common, "--backed", "yes", "--layout-cells", "50", "--out", str(tmp_path / "sub")]) == 0
+    assert "fitted on a stratified subsample of 50 of the 240 cells" in capsys.readouterr().out
+
+    # sizes above the 4,096-cell read block, so that the blocks are full in both
+    peaks, paths = {}, {n: synthetic_counts_h5ad(tmp_path / f"r{n}.h5ad", n, 300, n_types=4, seed=5, cell_seed=n)
+                        for n in (5_000, 20_000)}
+    for run, n in enumerate((5_000, 5_000, 20_000)):  # the first run warms imports and caches
+        tracemalloc.start()
+        try:
+            render_streaming(open_cells(paths[n]), {"method": "grid", "size": 32}, tmp_path / f"render{run}",
+                             layout_cells=200)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    extra = 15_000 * 32 * 32 * 4  # 15,000 more cells' images, float32 (61 MB)
+    assert peaks[20_000] - peaks[5_000] < extra / 10, (peaks, extra)

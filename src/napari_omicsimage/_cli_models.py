@@ -291,16 +291,21 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def add_layout_cells_argument(parser: argparse.ArgumentParser) -> None:
+    from .streaming import DEFAULT_LAYOUT_CELLS
+
+    parser.add_argument("--layout-cells", type=int, default=DEFAULT_LAYOUT_CELLS, metavar="N",
+                        help="streaming: fit the gene layout on a stratified subsample of this many cells "
+                             f"(default {DEFAULT_LAYOUT_CELLS:,})")
+
+
 def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
     from .cli import add_backed_argument
-    from .streaming import DEFAULT_LAYOUT_CELLS
 
     add_backed_argument(parser)
     if not training:
         return
-    parser.add_argument("--layout-cells", type=int, default=DEFAULT_LAYOUT_CELLS, metavar="N",
-                        help="streaming: fit the gene layout on a stratified subsample of this many cells "
-                             f"(default {DEFAULT_LAYOUT_CELLS:,})")
+    add_layout_cells_argument(parser)
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="streaming: stop after N optimiser steps in all (default: every epoch)")
 

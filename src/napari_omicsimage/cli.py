@@ -194,6 +194,20 @@ def cmd_render(args) -> int:
     out = check_out(args, "dir")
     adata, label_column = load_input(args, require_labels=False)
     spec = layout_spec(args)
+    if adata.isbacked:  # images written block by block (streaming/render.py)
+        from .streaming.render import render_streaming
+
+        if args.layout_cells < 2:
+            raise OmicsInputError("--layout-cells must be at least 2.")
+        shape, notes = render_streaming(adata, spec, out, label_column=label_column,
+                                        preprocess=preprocess_config(args), layout_cells=args.layout_cells,
+                                        seed=args.seed, overwrite=args.overwrite, inputs=command_inputs(args))
+        from .io import reading_notes
+
+        for note in notes[len(reading_notes(adata)) + 1:]:  # reading and scale notes: printed by load_input
+            print(note)
+        print(f"wrote {shape[0]} images of shape {shape[1:]} to {out}")
+        return 0
     method, size = spec.pop("method"), spec.pop("size")
     result = imagify(adata, method, size=size, label_column=label_column,
                      preprocess=preprocess_config(args), layout_params=spec)
@@ -218,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="turn expression data into images (N, C, H, W)")
     add_input_arguments(render)
     add_layout_arguments(render)
+    from ._cli_models import add_layout_cells_argument
+
+    add_backed_argument(render)
+    add_layout_cells_argument(render)
     render.add_argument("--out", required=True, metavar="DIR", help="output folder")
     render.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     render.set_defaults(func=cmd_render)

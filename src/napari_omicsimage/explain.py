@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import OmicsInputError
+from .outputs import NpyRows
 
 SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated-gradients", "gradcam")
 
@@ -380,29 +381,6 @@ def write_explanation(result: Explanation, layout, folder, *, top_genes: int = 5
     return writer.finish(n_missing_genes=n_missing_genes, selection=selection)
 
 
-class _NpyRows:
-    """A float32 ``.npy`` file of known shape written block of rows by block of rows (nothing kept)."""
-
-    def __init__(self, path, shape):
-        self.path, self.shape, self.rows = path, tuple(int(s) for s in shape), 0
-        self.stream = open(path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
-                  "shape": self.shape}
-        np.lib.format.write_array_header_2_0(self.stream, header)
-
-    def append(self, block) -> None:
-        block = np.ascontiguousarray(block, dtype="<f4")
-        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
-            raise ValueError(f"{self.path.name}: rows of shape {block.shape} do not fit {self.shape}")
-        block.tofile(self.stream)
-        self.rows += len(block)
-
-    def close(self) -> None:
-        self.stream.close()
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
-
-
 class ExplanationWriter:
     """The files of :func:`write_explanation`, written from blocks of samples as they are explained.
 
@@ -419,7 +397,7 @@ class ExplanationWriter:
 
         _pixel_map(layout)
         self.folder, self.layout, self.n_samples, self.top_genes = Path(folder), layout, int(n_samples), top_genes
-        self.arrays: dict[str, _NpyRows] = {}
+        self.arrays: dict[str, NpyRows] = {}
         self.sums: dict[str, dict[str, np.ndarray]] = {}
         self.counts: dict[str, int] = {}
         self.first: Explanation | None = None
@@ -431,13 +409,13 @@ class ExplanationWriter:
         attribution = result.attribution
         n, (c, h, w) = self.n_samples, result.saliency.shape[1:]
         g = attribution.values.shape[1]
-        self.arrays = {"saliency.npy": _NpyRows(self.folder / "saliency.npy", (n, c, h, w)),
-                       "saliency_max.npy": _NpyRows(self.folder / "saliency_max.npy", (n, h, w)),
-                       "gene_attribution.npy": _NpyRows(self.folder / "gene_attribution.npy", (n, g))}
+        self.arrays = {"saliency.npy": NpyRows(self.folder / "saliency.npy", (n, c, h, w)),
+                       "saliency_max.npy": NpyRows(self.folder / "saliency_max.npy", (n, h, w)),
+                       "gene_attribution.npy": NpyRows(self.folder / "gene_attribution.npy", (n, g))}
         self.files["gene_attribution.npy"] = (f"signed {attribution.method} attribution per sample and gene (N, G), "
                                               "target = predicted class; genes as in the gene tables' model order")
         if attribution.contrastive is not None:
-            self.arrays["gene_contrastive.npy"] = _NpyRows(self.folder / "gene_contrastive.npy", (n, g))
+            self.arrays["gene_contrastive.npy"] = NpyRows(self.folder / "gene_contrastive.npy", (n, g))
             self.files["gene_contrastive.npy"] = ("contrastive attribution (N, G): predicted class's logit minus "
                                                   "the others' mean")
         if attribution.baseline_values is not None:
