@@ -199,33 +199,68 @@ def gene_table(layout, sal_chw=None, x_sample=None, *, attribution=None, contras
     without a map), ``pixel_genes`` (genes sharing the pixel) and
     ``expression`` (``x_sample``: the preprocessed value).
     """
+    columns = _ranked_genes(layout, None if sal_chw is None else np.asarray(sal_chw)[None],
+                            *(None if a is None else np.asarray(a).reshape(1, -1)
+                              for a in (attribution, contrastive, x_sample)))
+    return pd.DataFrame({name: values[0] for name, values in columns.items()})[GENE_TABLE_COLUMNS]
+
+
+def _ranked_genes(layout, sal, attribution, contrastive, expression, top: int | None = None
+                  ) -> dict[str, np.ndarray]:
+    """:func:`gene_table`'s columns for ``n`` samples at once, each ``(n, genes or top)``, ranked per sample.
+
+    ``sal`` is ``(n, C, H, W)`` or None; the others ``(n, G)`` or None.
+    """
     pixel_map = _pixel_map(layout)
-    genes = pixel_map.genes
+    genes = np.asarray(pixel_map.genes, dtype=object)
+    n = next((len(a) for a in (sal, attribution, contrastive, expression) if a is not None), 1)
     shape = (pixel_map.n_channels, *pixel_map.shape)
-    values, channel = gene_saliency(layout, np.zeros(shape) if sal_chw is None else sal_chw)
-    if sal_chw is None:
+    values, channel = gene_saliency(layout, np.zeros((n, *shape)) if sal is None else sal)
+    if sal is None:
         values = np.where(channel >= 0, np.nan, values)
     safe_channel = np.maximum(channel, 0)
-    rows = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 0]
-    cols = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 1]
+    rows = pixel_map.gene_pixels[safe_channel, np.arange(len(genes))[None], 0]
+    cols = pixel_map.gene_pixels[safe_channel, np.arange(len(genes))[None], 1]
     density = pixel_map.density()
     sharing = np.where(channel >= 0, density[safe_channel, np.maximum(rows, 0), np.maximum(cols, 0)], 0)
     columns = {}
-    for name, given in (("attribution", attribution), ("contrastive", contrastive), ("expression", x_sample)):
-        column = (np.full(len(genes), np.nan) if given is None
-                  else np.asarray(given, dtype=np.float64).reshape(-1))
-        if column.shape[0] != len(genes):
-            raise OmicsInputError(f"{name} has {column.shape[0]} values; the layout has {len(genes)} genes.")
+    for name, given in (("attribution", attribution), ("contrastive", contrastive), ("expression", expression)):
+        column = np.full((n, len(genes)), np.nan) if given is None else np.asarray(given, dtype=np.float64)
+        if column.shape[1] != len(genes):
+            raise OmicsInputError(f"{name} has {column.shape[1]} values; the layout has {len(genes)} genes.")
         columns[name] = column
-    frame = pd.DataFrame({"gene": genes, "attribution": columns["attribution"],
-                          "contrastive": columns["contrastive"], "pixel_saliency": values, "channel": channel,
-                          "row": np.where(channel >= 0, rows, -1), "col": np.where(channel >= 0, cols, -1),
-                          "pixel_genes": sharing, "expression": columns["expression"]})
-    key = frame["attribution"].abs() if attribution is not None else frame["pixel_saliency"]
-    order = np.lexsort((-frame["pixel_saliency"].fillna(-np.inf).to_numpy(), -key.fillna(-np.inf).to_numpy()))
-    frame = frame.iloc[order].reset_index(drop=True)
-    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-    return frame[GENE_TABLE_COLUMNS]
+    key = np.abs(columns["attribution"]) if attribution is not None else values
+    order = np.lexsort((-np.where(np.isnan(values), -np.inf, values), -np.where(np.isnan(key), -np.inf, key)),
+                       axis=-1)
+    if top is not None:
+        order = order[:, :top]
+    ranked = {"rank": np.broadcast_to(np.arange(1, order.shape[1] + 1), order.shape), "gene": genes[order]}
+    for name, column in (("attribution", columns["attribution"]), ("contrastive", columns["contrastive"]),
+                         ("pixel_saliency", values), ("channel", channel),
+                         ("row", np.where(channel >= 0, rows, -1)), ("col", np.where(channel >= 0, cols, -1)),
+                         ("pixel_genes", sharing), ("expression", columns["expression"])):
+        ranked[name] = np.take_along_axis(column, order, axis=1)
+    return ranked
+
+
+def sample_top_genes(result, layout, top: int = 50, *, chunk: int = 128) -> pd.DataFrame:
+    """Each sample's ``top`` genes as ranked by :meth:`Explanation.sample_table`, all samples in one table
+    (``sample``, ``predicted``, then :data:`GENE_TABLE_COLUMNS`), computed ``chunk`` samples at a time."""
+    if result.attribution is None:
+        raise OmicsInputError(_NO_GENE_MAP)
+    contrastive = result.attribution.contrastive
+    parts = []
+    for start in range(0, len(result.samples), chunk):
+        part = slice(start, start + chunk)
+        ranked = _ranked_genes(layout, result.saliency[part], result.attribution.values[part],
+                               None if contrastive is None else contrastive[part], result.x[part], top=top)
+        k = ranked["rank"].shape[1]
+        frame = pd.DataFrame({"sample": np.repeat(np.asarray(result.samples[part]), k),
+                              "predicted": np.repeat(result.predicted[part], k),
+                              **{name: ranked[name].ravel() for name in GENE_TABLE_COLUMNS}})
+        parts.append(frame)
+    columns = ["sample", "predicted", *GENE_TABLE_COLUMNS]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 # ================================================================ explain a set
@@ -446,14 +481,7 @@ class ExplanationWriter:
         for k, name in enumerate(result.classes):
             samples[f"prob_{name}"] = result.proba[:, k]
         samples.to_csv(self.samples_csv, index=False, header=header)
-        top = []
-        for i, sample in enumerate(result.samples):
-            table = result.sample_table(self.layout, i).head(self.top_genes)
-            table.insert(0, "sample", sample)
-            table.insert(1, "predicted", result.predicted[i])
-            top.append(table)
-        if top:
-            pd.concat(top, ignore_index=True).to_csv(self.top_csv, index=False, header=header)
+        sample_top_genes(result, self.layout, self.top_genes).to_csv(self.top_csv, index=False, header=header)
         for name, members in result.class_members.items():
             sums = self.sums.setdefault(name, {})
             parts = {"attribution": attribution.values, "contrastive": attribution.contrastive,
