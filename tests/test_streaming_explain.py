@@ -149,6 +149,10 @@ def test_explain_bad_input_is_a_clear_error(model_and_cells, tmp_path, capsys):
     csv.write_text("sample,gene_00000\ns1,1\n")
     assert main(["explain", str(model), str(csv), "--backed", "yes", "--out", str(tmp_path / "c")]) == 2
     assert "only .h5ad files can be read backed" in capsys.readouterr().err
+    assert main(["evaluate", str(cells), "--label-column", "cell_type", *FAST, "--backed", "yes", "--transductive",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "--transductive is not available on the streaming path" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def _explain_peak_bytes(trained, path, folder, *, streamed: bool) -> int:
