@@ -107,6 +107,7 @@ def bench_size(n_cells: int, args, folder: Path) -> list[dict]:
             print(f"  {command} --backed {backed}", flush=True)
             report = run_cli(argv, args.cap_gb, args.timeout)
             rows.append({"cells": n_cells, "command": command, "backed": backed, **report})
+            print("   ", json.dumps(rows[-1]), flush=True)
             shutil.rmtree(out, ignore_errors=True)
     cells.unlink()
     return rows
