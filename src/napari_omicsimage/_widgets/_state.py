@@ -130,6 +130,17 @@ class OmicsSession:
             raise OmicsInputError("no data loaded: open a file or the sample data in the Data widget first.")
         return self.adata
 
+    def require_in_memory(self, what: str, command: str):
+        """The data, refusing a backed file: ``what`` (training, prediction) runs on it from the CLI, which
+        streams the cells; the napari widgets hold the samples in memory for it."""
+        adata = self.require_data()
+        if adata.isbacked:
+            raise OmicsInputError(
+                f"{what} on a backed file ({adata.n_obs:,} cells on disk) runs from the command line, which "
+                f"streams the cells: {command}. To do it here, open a smaller file in memory (Data widget, "
+                "'.h5ad: in memory').")
+        return adata
+
     def require_labels(self) -> str:
         self.require_data()
         if self.label_column is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -20,7 +22,9 @@ from ..layouts import (
     GRID_ORDERS,
     METHODS,
 )
+from ..errors import OmicsInputError
 from ..pipeline import imagify
+from ..streaming.lazy import imagify_cells
 from ._common import (
     BackgroundTask,
     Relay,
@@ -63,6 +67,7 @@ class ImagifyWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.task = BackgroundTask()
+        self._cancel = threading.Event()
         self._run_id = 0
         self._method: str | None = None  # the method whose default size the size box shows
         self._discretization = "bin"  # and the discretisation it was shown for
@@ -189,15 +194,30 @@ class ImagifyWidget(QWidget):
             return
         params = {k: v for k, v in spec.items() if k not in ("method", "size")}
         label_column, preprocess = session.label_column, session.preprocess
-        relay = self._relay
+        relay, cancel = self._relay, self._cancel
+        if spec["method"] == "rgb-embedding" and adata.isbacked:
+            report_error(OmicsInputError("the rgb-embedding method places every sample at fit time and cannot "
+                                         "stream a backed file; use a gene layout (deepinsight, fotomics, "
+                                         "rgb-layouts, grid, som)."))
+            return
 
         def work():
-            return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
-                           preprocess=preprocess, layout_params=params,
-                           progress=lambda done, total: relay.event.emit((done, total)))
+            if spec["method"] == "rgb-embedding":  # places samples, not genes: rendered at fit, in memory
+                return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
+                               preprocess=preprocess, layout_params=params,
+                               progress=lambda done, total: relay.event.emit(("rendering images", done, total)))
+
+            def progress(stage, done, total):
+                relay.event.emit((stage, done, total))
+                return cancel.is_set()
+
+            # gene layouts: a lazy stack (napari renders the image under the slider), streamed class means
+            return imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
+                                 preprocess=preprocess, layout_params=params, progress=progress)
 
         self._run_id += 1
         run_id = self._run_id
+        self._cancel.clear()
         self.progress.setRange(0, 0)  # busy: fitting a layout reports no progress
         self.status.setText(f"fitting the {spec['method']} layout on {adata.n_obs} samples…")
         self.run_button.setEnabled(False)
@@ -206,20 +226,26 @@ class ImagifyWidget(QWidget):
                         on_error=lambda exc: self._failed(exc, run_id), on_finished=self._finished)
 
     def cancel(self) -> None:
-        """Stop waiting: a layout fit cannot be interrupted, so its result is discarded when it ends."""
+        """Stop: the streaming passes stop at their next block; a layout fit cannot be interrupted, so its
+        result is discarded when it ends."""
         if self.task.running:
+            self._cancel.set()
             self._run_id += 1
             self.task.detach()
             self._finished()
             self.progress.setValue(0)
-            self.status.setText("cancelled (the running layout fit finishes in the background and is discarded)")
+            self.status.setText("cancelled (work under way stops at its next step and is discarded)")
 
     def _on_progress(self, value) -> None:
-        done, total = value
+        stage, done, total = value
         if self.task.running:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
-            self.status.setText(f"rendering images: {done}/{total}")
+            if total:
+                self.progress.setRange(0, 1000)
+                self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
+                self.status.setText(f"{stage}: {done:,}/{total:,}")
+            else:  # a step that reports no progress (layout fit)
+                self.progress.setRange(0, 0)
+                self.status.setText(f"{stage}…")
 
     def _done(self, result, spec, run_id) -> None:
         if run_id != self._run_id:
