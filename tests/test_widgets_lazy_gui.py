@@ -47,7 +47,7 @@ def backed_viewer(make_napari_viewer, qtbot, cells_file, monkeypatch):
     assert data.load_path(cells_file)
     # the read runs in a worker: the call returns at once, the window keeps processing events
     assert data.task.running and data.cancel_button.isEnabled() and not data.open_button.isEnabled()
-    assert "backed" in data.read_status.text()
+    assert "backed" in data.read_status.text() and data.progress.maximum() > 0  # a still bar, not Qt's busy one
     wait(qtbot, data.task)
     assert threads and all(t is not threading.main_thread() for t in threads)
     return viewer, data, imagify
@@ -70,7 +70,12 @@ def test_imagify_shows_a_lazy_stack_that_renders_only_the_slice_shown(backed_vie
     imagify.size_spin.setValue(0)
     imagify.run()
     assert imagify.task.running and imagify.cancel_button.isEnabled()
+    shares = []
+    imagify._relay.event.connect(lambda _: shares.append((imagify.progress.maximum(), imagify.progress.value())))
     wait(qtbot, imagify.task)
+    # never the animated busy bar (its repaints slow the worker 5×); the bar only moves forward
+    assert shares and all(top == 1000 for top, _ in shares)
+    assert [v for _, v in shares] == sorted(v for _, v in shares)
     assert session.adata.isbacked  # imagifying did not read the file into memory
     layer = session.layer("images")
     h, w = session.imageset.shape
@@ -122,3 +127,15 @@ def test_cancelled_imagify_is_discarded(backed_viewer, qtbot):
     assert not imagify.task.running and "cancelled" in imagify.status.text()
     qtbot.wait(3000)
     assert get_session(viewer).imageset is None and imagify.run_button.isEnabled()
+
+
+def test_a_large_h5ad_dropped_on_the_canvas_opens_backed_as_a_lazy_stack(make_napari_viewer, cells_file,
+                                                                          monkeypatch):
+    monkeypatch.setattr(cells_module, "STREAM_ABOVE_CELLS", N_CELLS // 2)
+    viewer = make_napari_viewer()
+    viewer.open(str(cells_file), plugin="napari-omicsimage")
+    session = get_session(viewer)
+    assert session.adata.isbacked and session.label_column == "cell_type"
+    layer = session.layer("images")
+    assert is_lazy(layer.data) and layer.data.shape[0] == N_CELLS
+    assert session.imageset.class_images.shape[0] == 5

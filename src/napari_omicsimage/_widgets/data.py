@@ -172,7 +172,7 @@ class DataWidget(QWidget):
         """Start reading an expression file (and optional labels table) into the session.
 
         The read runs in a thread worker (the window stays responsive; the
-        progress bar is busy, Cancel stops waiting); the data arrive in the
+        progress bar says "reading…", Cancel stops waiting); the data arrive in the
         session when it finishes (``task.running`` turns False).  A large
         ``.h5ad`` (the CLI's ``--backed auto`` rule, or the ".h5ad" choice) is
         opened backed: nothing of cells × genes is read.  Returns False when the
@@ -202,7 +202,11 @@ class DataWidget(QWidget):
         self._read_id += 1
         read_id = self._read_id
         self.progress.setVisible(True)
-        self.progress.setRange(0, 0)  # busy: a read reports no progress
+        # a read reports no progress; a still bar with its text, not Qt's animated busy bar, whose repaints
+        # take the GIL from the worker (see imagify.STAGE_SPANS)
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setFormat("reading…")
         how = "backed (cells stay on disk)" if backed else "into memory"
         self.read_status.setText(f"reading {Path(path).name} {how}…")
         self._set_busy(True)
@@ -229,7 +233,7 @@ class DataWidget(QWidget):
             report_error(exc)
 
     def _read_finished(self) -> None:
-        self.progress.setRange(0, 1000)
+        self.progress.setFormat("%p%")
         self.progress.setVisible(False)
         self._set_busy(False)
 

@@ -22,6 +22,7 @@ from ..layouts import (
     GRID_ORDERS,
     METHODS,
 )
+from .._hover import ImageSet
 from ..errors import OmicsInputError
 from ..pipeline import imagify
 from ..streaming.lazy import imagify_cells
@@ -35,7 +36,7 @@ from ._common import (
     scroll_layout,
     wrapped_label,
 )
-from ._state import get_session
+from ._state import get_session, make_layers
 
 METHOD_HELP = {
     "deepinsight": "genes placed by a 2-D embedding of their profiles (similar genes sit together)",
@@ -48,6 +49,15 @@ METHOD_HELP = {
 #: methods whose random seed changes the layout
 SEEDED_METHODS = ("deepinsight", "rgb-layouts", "rgb-embedding", "som")
 DISCRETIZED_METHODS = ("deepinsight", "fotomics", "rgb-layouts")
+
+
+#: the share of the progress bar each stage of an Imagify run fills (steps that report no progress, like the
+#: layout fit, hold the bar still with their name beside it).  Never Qt's animated busy bar: its repaints
+#: take the GIL from the worker many times a second, and fitting a 10,000-cell DeepInsight layout took 5×
+#: as long (52 s → 245-270 s, benchmarks/bench_napari_scale.py --quick) while it was on screen.
+STAGE_SPANS = (("preprocessing", (0.0, 0.3)), ("fitting", (0.3, 0.3)), ("class means", (0.6, 0.95)),
+               ("rendering a preview", (0.95, 0.95)), ("making the layers", (0.97, 0.97)),
+               ("rendering images", (0.6, 1.0)))
 
 
 def _default_size_spin(method: str, discretization: str = "bin") -> int:
@@ -212,13 +222,17 @@ class ImagifyWidget(QWidget):
                 return cancel.is_set()
 
             # gene layouts: a lazy stack (napari renders the image under the slider), streamed class means
-            return imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
-                                 preprocess=preprocess, layout_params=params, progress=progress)
+            result = imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
+                                   preprocess=preprocess, layout_params=params, progress=progress)
+            progress("making the layers", 0, 0)
+            imageset = ImageSet.from_imagified(result, label_column)
+            return result, (imageset, make_layers(imageset))  # here, not in the window's thread
 
         self._run_id += 1
         run_id = self._run_id
         self._cancel.clear()
-        self.progress.setRange(0, 0)  # busy: fitting a layout reports no progress
+        self.progress.setRange(0, 1000)  # never the animated busy bar: see STAGE_SPANS
+        self.progress.setValue(0)
         self.status.setText(f"fitting the {spec['method']} layout on {adata.n_obs} samples…")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -238,20 +252,19 @@ class ImagifyWidget(QWidget):
 
     def _on_progress(self, value) -> None:
         stage, done, total = value
-        if self.task.running:
-            if total:
-                self.progress.setRange(0, 1000)
-                self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
-                self.status.setText(f"{stage}: {done:,}/{total:,}")
-            else:  # a step that reports no progress (layout fit)
-                self.progress.setRange(0, 0)
-                self.status.setText(f"{stage}…")
+        if not self.task.running:
+            return
+        first, last = next((span for prefix, span in STAGE_SPANS if stage.startswith(prefix)), (0.0, 1.0))
+        share = first + (last - first) * (done / total if total else 0.0)
+        self.progress.setValue(max(self.progress.value(), int(self.progress.maximum() * share)))
+        self.status.setText(f"{stage}: {done:,}/{total:,}" if total else f"{stage}…")
 
     def _done(self, result, spec, run_id) -> None:
         if run_id != self._run_id:
             return
+        result, prepared = result if isinstance(result, tuple) else (result, None)
         try:
-            self.session.set_imagified(result, spec)
+            self.session.set_imagified(result, spec, prepared)
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return
