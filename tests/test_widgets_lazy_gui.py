@@ -139,3 +139,19 @@ def test_a_large_h5ad_dropped_on_the_canvas_opens_backed_as_a_lazy_stack(make_na
     layer = session.layer("images")
     assert is_lazy(layer.data) and layer.data.shape[0] == N_CELLS
     assert session.imageset.class_images.shape[0] == 5
+
+
+def test_napari_scale_benchmark_runs_and_prints_its_table(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_napari_scale.py"
+    out = subprocess.run([sys.executable, str(script), "--cells", "2000", "--genes", "200", "--method", "grid",
+                          "--steps", "3", "--tmp", str(tmp_path), "--csv", str(tmp_path / "r.csv")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| napari (lazy) | " in out.stdout and "| in memory (before) | " in out.stdout
+    assert "failed" not in out.stdout and "layer data: dask.Array [2000," in out.stdout
+    assert (tmp_path / "r.csv").read_text().count("\n") == 3
