@@ -66,6 +66,22 @@ def test_cancel_before_the_first_epoch_gives_no_model_and_later_keeps_the_finish
     assert any("cancelled" in note for note in model.predict(visium).uns["omicsimage_histology"]["notes"])
 
 
+def test_the_head_starts_from_a_local_torchvision_weights_file(tmp_path):
+    import torch
+    import torchvision.models as tvm
+
+    from napari_omicsimage.histology.finetune import build_regressor
+
+    torch.manual_seed(5)
+    torch.save(tvm.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    network = build_regressor("resnet18", 3, str(tmp_path / "resnet18.pth"))
+    stored = torch.load(tmp_path / "resnet18.pth", weights_only=True)
+    assert torch.equal(network.backbone.conv1.weight, stored["conv1.weight"])
+    assert network.head.out_features == 3 and network(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(OmicsInputError, match="do not fit"):
+        build_regressor("densenet121", 3, str(tmp_path / "resnet18.pth"))
+
+
 @pytest.mark.parametrize("options, message", [
     ({"model": "boosting"}, "unknown histology model"),
     ({"features": "handcrafted+fourier"}, "one CNN backbone"),

@@ -178,8 +178,8 @@ class FineTunedModel:
         standardised = np.concatenate(out) if out else np.zeros((0, len(self.genes)), np.float32)
         return (standardised * self.target_std + self.target_mean).astype(np.float32)
 
-    def predict(self, section: Section, *, progress=None, device=None, patches: SectionPatches | None = None,
-                **_) -> ad.AnnData:
+    def predict(self, section: Section, *, progress=None, device=None, patches: SectionPatches | None = None
+                ) -> ad.AnnData:
         """Predicted expression of every spot of ``section`` (see :func:`.models.predictions_anndata`)."""
         if device is not None:
             from ..models import resolve_device
