@@ -25,6 +25,8 @@ from napari_omicsimage.histology import (
 )
 from napari_omicsimage.histology.evaluation import pearson_per_gene
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # steadier and faster on a shared 2-core machine
+
 #: a fast fine-tuning configuration: ResNet-18, random weights (labelled), 64-px inputs, one epoch
 FAST = {"model": "finetune", "features": "resnet18", "weights": "random", "epochs": 1, "input_px": 64,
         "batch_size": 32, "device": "cpu"}

@@ -36,6 +36,7 @@ from ..training import ProgressEvent
 from .features import BACKBONES, FeaturesCancelled, build_backbone, normalise_patches
 from .models import (
     EXPRESSION_SCALE,
+    FittedModel,
     HistologyConfig,
     _tensor,
     _versions,
@@ -142,27 +143,16 @@ class AugmentedPatches:
 
 
 # -------------------------------------------------------------------- model
-@dataclass
-class FineTunedModel:
+@dataclass(kw_only=True)
+class FineTunedModel(FittedModel):
     """A fine-tuned slide → expression network and what it was trained on (the API of ``HistologyModel``)."""
 
-    config: HistologyConfig
-    genes: list[str]
     network: object
     #: per-gene mean and standard deviation of the training targets (the network predicts standardised values)
     target_mean: np.ndarray
     target_std: np.ndarray
-    train_sections: list[str] = field(default_factory=list)
-    n_train_spots: int = 0
-    train_mean: np.ndarray | None = None
     history: list[dict] = field(default_factory=list)
     cancelled: bool = False
-    notes: list[str] = field(default_factory=list)
-    versions: dict = field(default_factory=dict)
-
-    @property
-    def scale(self) -> str:
-        return EXPRESSION_SCALE
 
     @property
     def device(self):

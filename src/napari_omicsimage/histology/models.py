@@ -220,14 +220,12 @@ def fit_regressor(x: np.ndarray, y: np.ndarray, config: HistologyConfig):
     return pipeline.fit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
 
 
-@dataclass
-class HistologyModel:
-    """A fitted slide → expression model and what it was fitted on."""
+@dataclass(kw_only=True)
+class FittedModel:
+    """What every fitted slide → expression model carries (PCA + ridge here, the fine-tuned head in .finetune)."""
 
     config: HistologyConfig
     genes: list[str]
-    pipeline: object
-    feature_names: list[str]
     train_sections: list[str] = field(default_factory=list)
     n_train_spots: int = 0
     #: training mean of each gene (the baseline predictor, and what a measured value is compared with)
@@ -238,6 +236,14 @@ class HistologyModel:
     @property
     def scale(self) -> str:
         return EXPRESSION_SCALE
+
+
+@dataclass(kw_only=True)
+class HistologyModel(FittedModel):
+    """A fitted PCA + ridge slide → expression model and what it was fitted on."""
+
+    pipeline: object
+    feature_names: list[str]
 
     @property
     def cancelled(self) -> bool:
