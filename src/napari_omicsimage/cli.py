@@ -115,17 +115,15 @@ def load_input(args, *, require_labels: bool = True):
         if args.labels:
             raise OmicsInputError("bundled sample data carry their own labels; drop --labels.")
     elif _streams(args, path):
-        from .io import attach_labels, _read_labels
         from .streaming import open_cells
 
         started = time.perf_counter()
-        adata = open_cells(path)
+        adata = open_cells(path, labels=args.labels or None, sample_column=args.sample_column,
+                           label_column=args.label_column if args.labels else None)
         log.info("stage read: %.2f s", time.perf_counter() - started)
         label_column = args.label_column
         if args.labels:
-            frame, label_column = _read_labels(args.labels, args.sample_column, label_column)
-            attach_labels(adata, frame, label_column)
-            label_column = label_column or adata.uns["omicsimage"].get("label_column")
+            label_column = adata.uns["omicsimage"].get("label_column")
         print(f"{path.name}: {adata.n_obs} cells, read backed (streaming path: bounded memory)", file=sys.stderr)
     else:
         adata = read_expression(path, orientation=args.orientation, labels=args.labels,
