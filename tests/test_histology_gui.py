@@ -65,3 +65,23 @@ def test_cancel_stops_the_fit_and_fits_nothing(widget, qtbot):
     finally:
         w._cancel.clear = original
     assert w.predictions is None and "cancelled" in w.status.text()
+
+
+def test_fine_tuned_head_is_a_model_choice_that_fits_and_predicts(widget, qtbot):
+    viewer, w = widget
+    w.model_combo.setCurrentText("fine-tuned CNN head (ST-Net)")
+    assert w.features_combo.currentText() == "densenet121"  # ST-Net's backbone replaces a weight-free set
+    assert w.epochs_spin.isEnabled() and w.input_spin.isEnabled()
+    w.features_combo.setCurrentText("resnet18")
+    w.weights_edit.setText("random")
+    w.epochs_spin.setValue(1)
+    w.input_spin.setValue(32)
+    config = w.config()
+    assert (config.model, config.features, config.epochs, config.input_px) == ("finetune", "resnet18", 1, 32)
+    w.run_fit()
+    qtbot.waitUntil(lambda: not w.task.running, timeout=120_000)
+    assert w.predictions is not None and w.predictions.n_obs == 64
+    assert "fine-tuned" in w.summary.text() and "RANDOM" in w.summary.text()
+    assert f"predicted {w.gene_combo.currentText()}" in [layer.name for layer in viewer.layers]
+    w.model_combo.setCurrentText("PCA + ridge on patch features (HEST)")
+    assert not w.epochs_spin.isEnabled()

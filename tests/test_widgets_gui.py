@@ -50,6 +50,7 @@ def imagified_viewer(make_napari_viewer, qtbot, h5ad_path):
     viewer.window.add_dock_widget(data, name="Data")
     viewer.window.add_dock_widget(imagify, name="Imagify")
     assert data.load_path(h5ad_path)
+    wait(qtbot, data.task)
     imagify.method_combo.setCurrentText("grid")
     imagify.order_combo.setCurrentText("input")
     imagify.size_spin.setValue(0)  # automatic: smallest square
@@ -98,7 +99,7 @@ def test_imagify_size_follows_the_method_default_until_the_user_sets_one(make_na
     assert imagify.layout_spec() == {"method": "som", "size": None, "random_state": 0}
 
 
-def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_path, tmp_path):
+def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, qtbot, h5ad_path, tmp_path):
     import anndata as ad
 
     adata = ad.read_h5ad(h5ad_path)
@@ -110,10 +111,12 @@ def test_csv_with_a_labels_table_chosen_after_opening(make_napari_viewer, h5ad_p
     viewer = make_napari_viewer()
     data = DataWidget(viewer)
     assert data.load_path(expression)
+    wait(qtbot, data.task)
     session = get_session(viewer)
     assert session.adata.shape == (60, 64) and session.label_column is None
     assert "genes detected in rows" in data.summary.text() and "no labels chosen" in data.summary.text()
     assert data.set_labels_table(labels)
+    wait(qtbot, data.task)
     # "batch" has a missing value, so the class column is the first usable one; both are offered
     assert session.label_column == "cell_type" and data.label_combo.currentText() == "cell_type"
     assert table_column(data.class_table, "samples") == ["30", "30"]
@@ -134,7 +137,7 @@ def test_hover_names_the_known_genes_in_status_tooltip_and_inspector(make_napari
     viewer.cursor.position = (3, row, col)
     viewer.update_status_from_cursor()  # what napari's status thread computes
     status = viewer.status
-    expression = session.imageset.expression[3, 21]
+    expression = float(session.imageset.expression[3, 21])  # a lazy (dask) matrix
     assert f"G21 {expression:.2f}" in status["coordinates"] and "cell03 (B)" in status["coordinates"]
     assert viewer.tooltip.visible and "G21" in viewer.tooltip.text
     assert inspector.report.genes == ["G21"] and table_column(inspector.table, "gene") == ["G21"]

@@ -72,18 +72,23 @@ def _max_missing(args) -> dict:
 
 
 class _ConsoleProgress:
-    """One line per epoch (with -v) and per fold on stderr."""
+    """One line per epoch (with -v) and per fold on stderr; ``batches``: also about every tenth of an epoch
+    (streaming: an epoch over 10⁵+ cells is long)."""
 
-    def __init__(self, verbose: bool):
-        self.verbose = verbose
+    def __init__(self, verbose: bool, *, batches: bool = False):
+        self.verbose, self.batches = verbose, batches
 
     def __call__(self, event):
-        if event.stage == "fold" or (event.stage == "epoch" and self.verbose):
+        tenth = event.stage == "batch" and self.batches and event.n_batches and \
+            (event.batch + 1) % max(event.n_batches // 10, 1) == 0 and event.batch + 1 < event.n_batches
+        if event.stage == "fold" or (event.stage == "epoch" and self.verbose) or tenth:
             print(event.describe(), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
 def cmd_evaluate(args) -> int:
+    from functools import partial
+
     from .cli import check_out, command_inputs, layout_spec, load_input
     from .evaluation import cross_validate, write_report
     from .reports import metrics_table
@@ -94,26 +99,25 @@ def cmd_evaluate(args) -> int:
     config = _train_config(args)
     adata, label_column = load_input(args)
     spec = layout_spec(args)
-    progress = _ConsoleProgress(args.verbose)
     started = time.perf_counter()
-    if adata.isbacked:
+    if adata.isbacked:  # every fold fitted on its training cells, streamed (streaming/cv.py)
         from .streaming import cross_validate_streaming
 
-        if args.transductive or args.compare_model:
-            raise OmicsInputError("--transductive and --compare-model are not available on the streaming path; "
-                                  "use --backed no on data that fit in memory.")
-        result = cross_validate_streaming(adata, label_column, spec, config, _streaming_options(args),
-                                          folds=args.folds, progress=progress)
+        if args.transductive:
+            raise OmicsInputError("--transductive is not available on the streaming path (it fits on all cells, "
+                                  "which is optimistic anyway); use --backed no on data that fit in memory.")
+        progress = _ConsoleProgress(True, batches=True)
+        run = partial(cross_validate_streaming, options=_streaming_options(args))
     else:
-        result = cross_validate(adata, label_column, spec, config, folds=args.folds,
-                                transductive=args.transductive, progress=progress)
+        progress = _ConsoleProgress(args.verbose)
+        run = partial(cross_validate, transductive=args.transductive)
+    result = run(adata, label_column, spec, config, folds=args.folds, progress=progress)
     if args.compare_model is not None:
         from dataclasses import replace
 
         print(f"cross-validating {args.compare_model} on the same folds for the Wilcoxon test", file=sys.stderr)
-        other = cross_validate(adata, label_column, spec, replace(config, model=args.compare_model),
-                               folds=args.folds, transductive=args.transductive, progress=progress,
-                               baseline=False)
+        other = run(adata, label_column, spec, replace(config, model=args.compare_model), folds=args.folds,
+                    progress=progress, baseline=False)
         result.compare(other)
     elapsed = time.perf_counter() - started
     result.metrics["seconds"] = round(elapsed, 1)
@@ -218,37 +222,69 @@ def cmd_explain(args) -> int:
     from .cli import check_out, command_inputs, load_input
     from .explain import _NO_GENE_MAP, explain, write_explanation
     from .outputs import write_output_dir
+    from .streaming.explain import check_cells_per_class, explain_streaming, select_cells
 
     out = check_out(args, "dir")
     if args.top_genes < 1:
         raise OmicsInputError("--top-genes must be at least 1.")
+    cells_per_class = check_cells_per_class(args.cells_per_class)
     trained = load_checkpoint(args.model_file, device=args.device)
     if not trained.layout.has_gene_map:
         raise OmicsInputError(_NO_GENE_MAP)
     adata, label_column = load_input(args, require_labels=False)
-    if adata.isbacked:
-        raise OmicsInputError(f"explain keeps a saliency map per sample in memory, too much for "
-                              f"{adata.n_obs:,} cells; explain a subset of the cells (write it with "
-                              "adata[cells].write_h5ad) or pass --backed no if it fits.")
-    result = explain(trained, adata, args.method, label_column, pixel_method=args.pixel_method,
-                     baseline=args.baseline, n_steps=args.steps, **_max_missing(args))
-    _report_missing(trained)
+    options = dict(pixel_method=args.pixel_method, baseline=args.baseline, n_steps=args.steps,
+                   **_max_missing(args))
+    progress = _ExplainProgress()
+    done = {}
 
     def fill(tmp: Path) -> None:
-        write_explanation(result, trained.layout, tmp, top_genes=args.top_genes,
-                          n_missing_genes=len(getattr(trained, "missing_genes_", [])))
+        if adata.isbacked:  # block by block: memory does not grow with the cells
+            writer = explain_streaming(trained, adata, tmp, args.method, label_column,
+                                       cells_per_class=cells_per_class, seed=args.seed, top_genes=args.top_genes,
+                                       progress=progress, **options)
+            done.update(summary=writer.summary, tables=writer.tables)
+            return
+        rows, selection = select_cells(trained, adata, cells_per_class, seed=args.seed,
+                                       **_max_missing(args))
+        chosen = adata if len(rows) == adata.n_obs else adata[rows].copy()
+        result = explain(trained, chosen, args.method, label_column, seed=args.seed, **options)
+        summary = write_explanation(result, trained.layout, tmp, top_genes=args.top_genes,
+                                    n_missing_genes=len(getattr(trained, "missing_genes_", [])),
+                                    selection=selection)
+        done.update(summary=summary, tables={name: result.class_table(trained.layout, name)
+                                             for name in result.class_members})
 
     write_output_dir(out, fill, overwrite=args.overwrite, inputs=command_inputs(args))
-    print(f"{args.method} gene attribution and {args.pixel_method} pixel saliency of {len(result.samples)} "
-          f"samples ({result.grouping})")
-    for name, members in result.class_members.items():
-        table = result.class_table(trained.layout, name)
-        print(f"  {name} ({len(members)} samples): top genes {', '.join(table['gene'].head(5))}")
-    missing_classes = [c for c in result.classes if c not in result.class_members]
-    if missing_classes:
-        print(f"  no samples for {missing_classes}: no table for them")
+    _report_missing(trained)
+    summary = done["summary"]
+    selection = summary["selection"]
+    which = (f"{summary['n_samples']} samples" if selection["cells_per_class"] == "all" else
+             f"{summary['n_samples']} of {selection['n_input_cells']} samples (at most "
+             f"{selection['cells_per_class']} per predicted class, seed {selection['seed']})")
+    print(f"{args.method} gene attribution and {args.pixel_method} pixel saliency of {which} "
+          f"({summary['grouping']})")
+    for entry in summary["classes"]:
+        table = done["tables"][entry["class"]]
+        print(f"  {entry['class']} ({entry['n_samples']} samples): top genes {', '.join(table['gene'].head(5))}")
+    if summary["classes_without_samples"]:
+        print(f"  no samples for {summary['classes_without_samples']}: no table for them")
     print(f"wrote gene tables, saliency maps and explain.json to {out}")
     return 0
+
+
+class _ExplainProgress:
+    """A line on stderr about every tenth of the cells (prediction pass, then explanation)."""
+
+    def __init__(self):
+        self.reported = {}
+
+    def __call__(self, event):
+        done, total = event.batch + 1, event.n_batches
+        step = max(total // 10, 1)
+        if done // step > self.reported.get(event.stage, 0) or done == total:
+            self.reported[event.stage] = done // step
+            verb = "predicted" if event.stage == "predict" else "explained"
+            print(f"{verb} {done:,}/{total:,} cells", file=sys.stderr, flush=True)
 
 
 def _under_torchrun() -> bool:
@@ -257,17 +293,22 @@ def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def add_layout_cells_argument(parser: argparse.ArgumentParser) -> None:
+    from .streaming import DEFAULT_LAYOUT_CELLS
+
+    parser.add_argument("--layout-cells", type=int, default=DEFAULT_LAYOUT_CELLS, metavar="N",
+                        help="streaming: fit the gene layout on a stratified subsample of this many cells "
+                             f"(default {DEFAULT_LAYOUT_CELLS:,})")
+
+
 def _add_streaming_arguments(parser: argparse.ArgumentParser, *, training: bool) -> None:
     from .cli import add_backed_argument
-    from .streaming import DEFAULT_LAYOUT_CELLS
     from .streaming.loader import DEFAULT_CACHE_GB
 
     add_backed_argument(parser)
     if not training:
         return
-    parser.add_argument("--layout-cells", type=int, default=DEFAULT_LAYOUT_CELLS, metavar="N",
-                        help="streaming: fit the gene layout on a stratified subsample of this many cells "
-                             f"(default {DEFAULT_LAYOUT_CELLS:,})")
+    add_layout_cells_argument(parser)
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="streaming: stop after N optimiser steps in all (default: every epoch)")
     parser.add_argument("--cache-gb", type=float, default=DEFAULT_CACHE_GB, metavar="GB",
@@ -281,6 +322,7 @@ def register(sub) -> None:
     from .attribution import BASELINES, DEFAULT_BASELINE, DEFAULT_GENE_METHOD, DEFAULT_STEPS, GENE_METHODS
     from .cli import OVERWRITE_HELP, add_input_arguments, add_layout_arguments
     from .explain import SALIENCY_METHODS
+    from .streaming.explain import DEFAULT_CELLS_PER_CLASS
 
     evaluate = sub.add_parser(
         "evaluate", help="stratified k-fold cross-validation of a CNN on the images, with a baseline",
@@ -339,6 +381,12 @@ def register(sub) -> None:
                               "(default gradient: the paper's vanilla saliency)")
     explain.add_argument("--top-genes", type=int, default=50,
                          help="genes per sample in sample_top_genes.csv (default 50)")
+    explain.add_argument("--cells-per-class", default=str(DEFAULT_CELLS_PER_CLASS), metavar="N|all",
+                         help=f"explain at most N cells per predicted class, a seeded random sample (default "
+                              f"{DEFAULT_CELLS_PER_CLASS}: Integrated Gradients costs tens of network passes per "
+                              "cell); all: every cell. explain.json says how many were explained")
+    explain.add_argument("--seed", type=int, default=0,
+                         help="random seed of the cell sample and of seeded noise (smoothgrad, gradient-shap)")
     explain.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
     _add_streaming_arguments(explain, training=False)
     explain.add_argument("--out", required=True, metavar="DIR", help="output folder")

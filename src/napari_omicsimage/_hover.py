@@ -243,33 +243,58 @@ class ImageSet:
     saliency: SaliencyView | None = None
     #: the sample the viewer's slider is on (kept up to date by the napari session)
     current_sample: int = 0
+    #: class means computed beforehand (:class:`~napari_omicsimage.streaming.lazy.ClassMeans`); required
+    #: when ``images`` is a lazy (dask) stack, whose means come from a streaming pass, not from the stack
+    class_means: object = None
+    #: a sample of rendered images that sets the contrast of a lazy stack (None: the images themselves)
+    preview: np.ndarray | None = None
 
     def __post_init__(self):
+        from .streaming.lazy import is_lazy
+
         self.samples = [str(s) for s in self.samples]
+        self.lazy = is_lazy(self.images)
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=object).astype(str)
             self.classes = [str(c) for c in sorted(set(self.labels))]
-            index = {c: i for i, c in enumerate(self.classes)}
-            codes = np.array([index[v] for v in self.labels])
-            self.class_images = np.stack([self.images[codes == k].mean(axis=0) for k in range(len(self.classes))])
-            self.class_expression = np.stack([self.expression[codes == k].mean(axis=0)
+            if self.class_means is not None:
+                if list(self.class_means.classes) != self.classes:
+                    raise ValueError(f"class means for {self.class_means.classes}, labels of {self.classes}")
+                self.class_images = np.asarray(self.class_means.images, dtype=np.float32)
+                self.class_expression = np.asarray(self.class_means.expression, dtype=np.float32)
+            elif self.lazy:
+                raise ValueError("a lazy image stack needs its class means (streaming.lazy.class_means): "
+                                 "averaging the stack would render every image")
+            else:
+                index = {c: i for i, c in enumerate(self.classes)}
+                codes = np.array([index[v] for v in self.labels])
+                self.class_images = np.stack([self.images[codes == k].mean(axis=0)
                                               for k in range(len(self.classes))])
+                self.class_expression = np.stack([self.expression[codes == k].mean(axis=0)
+                                                  for k in range(len(self.classes))])
             self.mosaic = Mosaic.for_classes(len(self.classes), self.shape)
         else:
             self.classes, self.class_images, self.class_expression, self.mosaic = [], None, None, None
 
     @classmethod
     def from_imagified(cls, result, label_column: str | None = None) -> ImageSet:
+        """From :func:`~napari_omicsimage.pipeline.imagify` (in memory) or
+        :func:`~napari_omicsimage.streaming.lazy.imagify_cells` (lazy stacks, streamed class means)."""
+        from .streaming.lazy import is_lazy
+
         layout = result.layout
+        as_float = (lambda a: a) if is_lazy(result.images) else (lambda a: np.asarray(a, dtype=np.float32))
         return cls(
-            images=np.asarray(result.images, dtype=np.float32),
+            images=as_float(result.images),
             samples=list(result.samples),
             labels=None if result.labels is None else result.labels.to_numpy(),
-            expression=np.asarray(result.expression, dtype=np.float32),
+            expression=as_float(result.expression),
             pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
             description=layout.describe(),
             layout=layout,
             label_column=label_column,
+            class_means=getattr(result, "class_means", None),
+            preview=getattr(result, "preview", None),
         )
 
     # ------------------------------------------------------------ geometry
@@ -294,8 +319,16 @@ class ImageSet:
         return [f"channel {c}" for c in range(self.n_channels)]
 
     def display_images(self) -> np.ndarray:
-        """``(N, H, W)`` for one channel, ``(N, H, W, 3)`` RGB for three (napari's layouts)."""
+        """``(N, H, W)`` for one channel, ``(N, H, W, 3)`` RGB for three (napari's layouts); a lazy stack
+        stays lazy."""
         return channels_last(self.images)
+
+    @property
+    def contrast_images(self) -> np.ndarray:
+        """Images to choose contrast limits from: the preview of a lazy stack, else all images."""
+        if self.lazy:
+            return self.preview if self.preview is not None else np.asarray(self.images[: 256])
+        return self.images
 
     # ------------------------------------------------------------- samples
     def sample_caption(self, i: int) -> str:
@@ -320,6 +353,10 @@ class ImageSet:
         label = str(row["predicted"])
         prob = row.get(f"prob_{label}", np.nan)
         return label, float(prob)
+
+    def sample_expression(self, i: int) -> np.ndarray:
+        """``(G,)`` preprocessed expression of sample ``i`` (read and preprocessed now for a lazy stack)."""
+        return np.asarray(self.expression[int(i)], dtype=np.float32)
 
     # ------------------------------------------------------------ saliency
     def saliency_for_sample(self, i: int) -> np.ndarray | None:
@@ -380,7 +417,7 @@ class ImageSet:
             return self.saliency_for_class(target), self.class_expression[k], f"mean of class {target}"
         i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
         label = f" ({self.labels[i]})" if self.labels is not None else ""
-        return self.saliency_for_sample(i), self.expression[i], f"sample {self.samples[i]}{label}"
+        return self.saliency_for_sample(i), self.sample_expression(i), f"sample {self.samples[i]}{label}"
 
     def gene_table(self) -> pd.DataFrame:
         """Every gene ranked by the gene attribution shown now (a sample, or a class mean).
@@ -441,7 +478,7 @@ class ImageSet:
                 i = int(np.clip(self.current_sample if sample is None else sample, 0, self.n_samples - 1))
                 label = f" ({self.labels[i]})" if self.labels is not None else ""
                 context = f"sample {self.samples[i]}{label}"
-                expression = self.expression[i]
+                expression = self.sample_expression(i)
                 saliency = self.saliency_for_sample(i)
                 attribution = self.attribution_for_sample(i)
         table = pixel_genes(self.pixel_map, row, col, expression=expression, saliency=saliency,
@@ -457,8 +494,9 @@ def relative(saliency: np.ndarray) -> np.ndarray:
 
 
 def channels_last(images: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` → ``(N, H, W)`` (one channel) or ``(N, H, W, C)``."""
-    images = np.asarray(images)
+    """``(N, C, H, W)`` → ``(N, H, W)`` (one channel) or ``(N, H, W, C)``; a dask array stays lazy."""
+    if not hasattr(images, "ndim"):
+        images = np.asarray(images)
     if images.shape[1] == 1:
         return images[:, 0]
     return np.moveaxis(images, 1, -1)

@@ -5,7 +5,9 @@ label column (the one recorded in the file, else the first categorical
 ``obs`` column with 2–50 classes), imagifies it with a quick default layout
 (:data:`QUICK_LAYOUT`) and returns the same layers the Imagify widget makes.
 The images layer carries the data, so the omicsimage widgets take them over
-(choose another layout or label column there).  Region files written by the
+(choose another layout or label column there).  A large ``.h5ad`` (the CLI's
+``--backed auto`` rule) is opened backed and shown as a lazy stack
+(:mod:`napari_omicsimage.streaming.lazy`).  Region files written by the
 Annotate widget or the regions writer come back as the layer they were drawn on.
 """
 
@@ -79,7 +81,14 @@ def expression_layers(adata, label_column: str | None, source: str, layout_spec:
 
     spec = dict(layout_spec or QUICK_LAYOUT)
     params = {k: v for k, v in spec.items() if k not in ("method", "size")}
-    result = imagify(adata, spec["method"], size=spec["size"], label_column=label_column, layout_params=params)
+    if getattr(adata, "isbacked", False):  # a large .h5ad: streamed preprocessing, lazy stack
+        from .streaming.lazy import imagify_cells
+
+        result = imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
+                               layout_params=params)
+    else:
+        result = imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
+                         layout_params=params)
     imageset = ImageSet.from_imagified(result, label_column)
     payload = DataPayload(adata=adata, label_column=label_column, source=source, imagified=result,
                           layout_spec=spec, path=path)
@@ -91,8 +100,11 @@ def expression_layers(adata, label_column: str | None, source: str, layout_spec:
 def read_expression_layers(path) -> list:
     from .io import read_expression
 
+    from .streaming import open_cells, wants_streaming
+
     path = path[0] if isinstance(path, (list, tuple)) else path
-    adata = read_expression(path)
+    # the CLI's --backed auto rule: a large .h5ad stays on disk and its images are rendered when shown
+    adata = open_cells(path) if wants_streaming(path) else read_expression(path)
     return expression_layers(adata, guess_label_column(adata), Path(path).name, path=str(path))
 
 

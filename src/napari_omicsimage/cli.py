@@ -115,17 +115,15 @@ def load_input(args, *, require_labels: bool = True):
         if args.labels:
             raise OmicsInputError("bundled sample data carry their own labels; drop --labels.")
     elif _streams(args, path):
-        from .io import attach_labels, _read_labels
         from .streaming import open_cells
 
         started = time.perf_counter()
-        adata = open_cells(path)
+        adata = open_cells(path, labels=args.labels or None, sample_column=args.sample_column,
+                           label_column=args.label_column if args.labels else None)
         log.info("stage read: %.2f s", time.perf_counter() - started)
         label_column = args.label_column
         if args.labels:
-            frame, label_column = _read_labels(args.labels, args.sample_column, label_column)
-            attach_labels(adata, frame, label_column)
-            label_column = label_column or adata.uns["omicsimage"].get("label_column")
+            label_column = adata.uns["omicsimage"].get("label_column")
         print(f"{path.name}: {adata.n_obs} cells, read backed (streaming path: bounded memory)", file=sys.stderr)
     else:
         adata = read_expression(path, orientation=args.orientation, labels=args.labels,
@@ -194,6 +192,20 @@ def cmd_render(args) -> int:
     out = check_out(args, "dir")
     adata, label_column = load_input(args, require_labels=False)
     spec = layout_spec(args)
+    if adata.isbacked:  # images written block by block (streaming/render.py)
+        from .streaming.render import render_streaming
+
+        if args.layout_cells < 2:
+            raise OmicsInputError("--layout-cells must be at least 2.")
+        shape, notes = render_streaming(adata, spec, out, label_column=label_column,
+                                        preprocess=preprocess_config(args), layout_cells=args.layout_cells,
+                                        seed=args.seed, overwrite=args.overwrite, inputs=command_inputs(args))
+        from .io import reading_notes
+
+        for note in notes[len(reading_notes(adata)) + 1:]:  # reading and scale notes: printed by load_input
+            print(note)
+        print(f"wrote {shape[0]} images of shape {shape[1:]} to {out}")
+        return 0
     method, size = spec.pop("method"), spec.pop("size")
     result = imagify(adata, method, size=size, label_column=label_column,
                      preprocess=preprocess_config(args), layout_params=spec)
@@ -218,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="turn expression data into images (N, C, H, W)")
     add_input_arguments(render)
     add_layout_arguments(render)
+    from ._cli_models import add_layout_cells_argument
+
+    add_backed_argument(render)
+    add_layout_cells_argument(render)
     render.add_argument("--out", required=True, metavar="DIR", help="output folder")
     render.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     render.set_defaults(func=cmd_render)

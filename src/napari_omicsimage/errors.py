@@ -16,3 +16,7 @@ class CheckpointError(OmicsInputError):
 
 class TrainingCancelled(OmicsInputError):
     """A run cancelled before anything usable finished (no epoch, no fold): there is no result to use."""
+
+
+class WorkCancelled(OmicsInputError):
+    """Long work (reading, imagifying) stopped because its progress callback asked to cancel; nothing is kept."""

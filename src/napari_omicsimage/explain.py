@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import OmicsInputError
+from .outputs import NpyRows
 
 SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated-gradients", "gradcam")
 
@@ -98,8 +99,10 @@ def saliency(model, images, method: str = "gradient", target=None, *, batch_size
     cuda_ids = [] if device.type != "cuda" else [device.index if device.index is not None
                                                   else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_ids):  # seeding here leaves the caller's RNG state alone
-        torch.manual_seed(seed)  # SmoothGrad's noise: same call, same map
         for start in range(0, len(images), batch_size):
+            # SmoothGrad's noise, seeded per batch (as gene attribution's): the same call gives the same map,
+            # and explaining in blocks (seed + the block's first batch) gives the noise of one call
+            torch.manual_seed(seed + start // batch_size)
             stop = min(start + batch_size, len(images))
             inputs = torch.as_tensor(images[start:stop], device=device).requires_grad_(True)
             targets = _targets(model, inputs, None if targets_all is None else targets_all[start:stop])
@@ -196,33 +199,68 @@ def gene_table(layout, sal_chw=None, x_sample=None, *, attribution=None, contras
     without a map), ``pixel_genes`` (genes sharing the pixel) and
     ``expression`` (``x_sample``: the preprocessed value).
     """
+    columns = _ranked_genes(layout, None if sal_chw is None else np.asarray(sal_chw)[None],
+                            *(None if a is None else np.asarray(a).reshape(1, -1)
+                              for a in (attribution, contrastive, x_sample)))
+    return pd.DataFrame({name: values[0] for name, values in columns.items()})[GENE_TABLE_COLUMNS]
+
+
+def _ranked_genes(layout, sal, attribution, contrastive, expression, top: int | None = None
+                  ) -> dict[str, np.ndarray]:
+    """:func:`gene_table`'s columns for ``n`` samples at once, each ``(n, genes or top)``, ranked per sample.
+
+    ``sal`` is ``(n, C, H, W)`` or None; the others ``(n, G)`` or None.
+    """
     pixel_map = _pixel_map(layout)
-    genes = pixel_map.genes
+    genes = np.asarray(pixel_map.genes, dtype=object)
+    n = next((len(a) for a in (sal, attribution, contrastive, expression) if a is not None), 1)
     shape = (pixel_map.n_channels, *pixel_map.shape)
-    values, channel = gene_saliency(layout, np.zeros(shape) if sal_chw is None else sal_chw)
-    if sal_chw is None:
+    values, channel = gene_saliency(layout, np.zeros((n, *shape)) if sal is None else sal)
+    if sal is None:
         values = np.where(channel >= 0, np.nan, values)
     safe_channel = np.maximum(channel, 0)
-    rows = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 0]
-    cols = pixel_map.gene_pixels[safe_channel, np.arange(len(genes)), 1]
+    rows = pixel_map.gene_pixels[safe_channel, np.arange(len(genes))[None], 0]
+    cols = pixel_map.gene_pixels[safe_channel, np.arange(len(genes))[None], 1]
     density = pixel_map.density()
     sharing = np.where(channel >= 0, density[safe_channel, np.maximum(rows, 0), np.maximum(cols, 0)], 0)
     columns = {}
-    for name, given in (("attribution", attribution), ("contrastive", contrastive), ("expression", x_sample)):
-        column = (np.full(len(genes), np.nan) if given is None
-                  else np.asarray(given, dtype=np.float64).reshape(-1))
-        if column.shape[0] != len(genes):
-            raise OmicsInputError(f"{name} has {column.shape[0]} values; the layout has {len(genes)} genes.")
+    for name, given in (("attribution", attribution), ("contrastive", contrastive), ("expression", expression)):
+        column = np.full((n, len(genes)), np.nan) if given is None else np.asarray(given, dtype=np.float64)
+        if column.shape[1] != len(genes):
+            raise OmicsInputError(f"{name} has {column.shape[1]} values; the layout has {len(genes)} genes.")
         columns[name] = column
-    frame = pd.DataFrame({"gene": genes, "attribution": columns["attribution"],
-                          "contrastive": columns["contrastive"], "pixel_saliency": values, "channel": channel,
-                          "row": np.where(channel >= 0, rows, -1), "col": np.where(channel >= 0, cols, -1),
-                          "pixel_genes": sharing, "expression": columns["expression"]})
-    key = frame["attribution"].abs() if attribution is not None else frame["pixel_saliency"]
-    order = np.lexsort((-frame["pixel_saliency"].fillna(-np.inf).to_numpy(), -key.fillna(-np.inf).to_numpy()))
-    frame = frame.iloc[order].reset_index(drop=True)
-    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-    return frame[GENE_TABLE_COLUMNS]
+    key = np.abs(columns["attribution"]) if attribution is not None else values
+    order = np.lexsort((-np.where(np.isnan(values), -np.inf, values), -np.where(np.isnan(key), -np.inf, key)),
+                       axis=-1)
+    if top is not None:
+        order = order[:, :top]
+    ranked = {"rank": np.broadcast_to(np.arange(1, order.shape[1] + 1), order.shape), "gene": genes[order]}
+    for name, column in (("attribution", columns["attribution"]), ("contrastive", columns["contrastive"]),
+                         ("pixel_saliency", values), ("channel", channel),
+                         ("row", np.where(channel >= 0, rows, -1)), ("col", np.where(channel >= 0, cols, -1)),
+                         ("pixel_genes", sharing), ("expression", columns["expression"])):
+        ranked[name] = np.take_along_axis(column, order, axis=1)
+    return ranked
+
+
+def sample_top_genes(result, layout, top: int = 50, *, chunk: int = 128) -> pd.DataFrame:
+    """Each sample's ``top`` genes as ranked by :meth:`Explanation.sample_table`, all samples in one table
+    (``sample``, ``predicted``, then :data:`GENE_TABLE_COLUMNS`), computed ``chunk`` samples at a time."""
+    if result.attribution is None:
+        raise OmicsInputError(_NO_GENE_MAP)
+    contrastive = result.attribution.contrastive
+    parts = []
+    for start in range(0, len(result.samples), chunk):
+        part = slice(start, start + chunk)
+        ranked = _ranked_genes(layout, result.saliency[part], result.attribution.values[part],
+                               None if contrastive is None else contrastive[part], result.x[part], top=top)
+        k = ranked["rank"].shape[1]
+        frame = pd.DataFrame({"sample": np.repeat(np.asarray(result.samples[part]), k),
+                              "predicted": np.repeat(result.predicted[part], k),
+                              **{name: ranked[name].ravel() for name in GENE_TABLE_COLUMNS}})
+        parts.append(frame)
+    columns = ["sample", "predicted", *GENE_TABLE_COLUMNS]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 # ================================================================ explain a set
@@ -361,7 +399,7 @@ def _file_stem(name: str, taken: set) -> str:
 
 
 def write_explanation(result: Explanation, layout, folder, *, top_genes: int = 50,
-                      n_missing_genes: int = 0) -> dict:
+                      n_missing_genes: int = 0, selection: dict | None = None) -> dict:
     """Write an explanation's files into ``folder`` (an empty folder the caller owns); returns the summary.
 
     Files: ``genes_<class>.csv`` (every gene ranked by the class's mean signed
@@ -369,65 +407,152 @@ def write_explanation(result: Explanation, layout, folder, *, top_genes: int = 5
     ``samples.csv``, ``gene_attribution.npy`` / ``gene_contrastive.npy`` (N, G),
     ``baseline.npy`` (the attribution baseline, G), the pixel saliency maps
     ``saliency.npy`` / ``saliency_max.npy`` / ``class_saliency.npy`` and
-    ``explain.json`` describing them all.
+    ``explain.json`` describing them all.  ``selection`` (which samples were
+    explained, when not all) goes into ``explain.json``.  The files are those
+    of :class:`ExplanationWriter` given the whole explanation as one block.
     """
-    import json
-    from pathlib import Path
+    writer = ExplanationWriter(folder, layout, n_samples=len(result.samples), top_genes=top_genes)
+    writer.add(result)
+    return writer.finish(n_missing_genes=n_missing_genes, selection=selection)
 
-    if result.attribution is None:
-        raise OmicsInputError(_NO_GENE_MAP)
-    folder = Path(folder)
-    attribution = result.attribution
-    np.save(folder / "saliency.npy", result.saliency.astype(np.float32))
-    np.save(folder / "saliency_max.npy", result.saliency.max(axis=1).astype(np.float32))
-    np.save(folder / "gene_attribution.npy", attribution.values.astype(np.float32))
-    files = {"gene_attribution.npy": f"signed {attribution.method} attribution per sample and gene (N, G), "
-                                     "target = predicted class; genes as in the gene tables' model order"}
-    if attribution.contrastive is not None:
-        np.save(folder / "gene_contrastive.npy", attribution.contrastive.astype(np.float32))
-        files["gene_contrastive.npy"] = "contrastive attribution (N, G): predicted class's logit minus the others' mean"
-    if attribution.baseline_values is not None:
-        np.save(folder / "baseline.npy", attribution.baseline_values.astype(np.float32))
-        files["baseline.npy"] = f"attribution baseline (G,): {attribution.describe().get('baseline_description')}"
-    samples = pd.DataFrame({"sample": result.samples})
-    if result.true is not None:
-        samples["true"] = result.true
-    samples["predicted"] = result.predicted
-    for k, name in enumerate(result.classes):
-        samples[f"prob_{name}"] = result.proba[:, k]
-    samples.to_csv(folder / "samples.csv", index=False)
-    top = []
-    for i, sample in enumerate(result.samples):
-        table = result.sample_table(layout, i).head(top_genes)
-        table.insert(0, "sample", sample)
-        table.insert(1, "predicted", result.predicted[i])
-        top.append(table)
-    pd.concat(top, ignore_index=True).to_csv(folder / "sample_top_genes.csv", index=False)
-    tables, taken, class_maps = {}, set(), []
-    for name in result.class_members:
-        stem = _file_stem(name, taken)
-        result.class_table(layout, name).to_csv(folder / f"genes_{stem}.csv", index=False)
-        tables[name] = f"genes_{stem}.csv"
-        class_maps.append(result.class_saliency(name))
-    if class_maps:
-        np.save(folder / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
-    summary = {"method": result.method, "pixel_method": result.pixel_method,
-               "attribution": attribution.describe(), "grouping": result.grouping,
-               "ranking": "genes ranked by |mean signed attribution| over the class's members (rank 1 = most "
-                          "important); pixel_saliency is the paper's saliency at the gene's pixel",
-               "classes": [{"class": name, "n_samples": len(result.class_members[name]),
-                            "gene_table": tables[name], "class_saliency_index": i}
-                           for i, name in enumerate(result.class_members)],
-               "classes_without_samples": [c for c in result.classes if c not in result.class_members],
-               "n_missing_genes": int(n_missing_genes),
-               "saliency_shape": list(result.saliency.shape), "layout": layout.describe(),
-               "files": {**files,
-                         "saliency.npy": f"per-sample {result.pixel_method} pixel saliency (N, C, H, W), "
-                                         "target = predicted class",
-                         "saliency_max.npy": "the paper's map M: maximum over channels (N, H, W)",
-                         "class_saliency.npy": "per-class mean pixel saliency (classes as listed, C, H, W)",
-                         "samples.csv": "predictions per sample",
-                         "sample_top_genes.csv": f"top {top_genes} genes per sample",
-                         "genes_<class>.csv": "all genes ranked per class"}}
-    (folder / "explain.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+class ExplanationWriter:
+    """The files of :func:`write_explanation`, written from blocks of samples as they are explained.
+
+    Per-sample files (``saliency.npy``, ``gene_attribution.npy``, ``samples.csv``,
+    ``sample_top_genes.csv`` ...) get each block's rows appended; the class
+    tables and maps come from running per-class sums (float64) of the
+    members' attribution, contrastive score, saliency and expression, so the
+    memory is one block, however many samples are explained.  ``n_samples``
+    (the total over all blocks) sizes the ``.npy`` files up front.
+    """
+
+    def __init__(self, folder, layout, *, n_samples: int, top_genes: int = 50):
+        from pathlib import Path
+
+        _pixel_map(layout)
+        self.folder, self.layout, self.n_samples, self.top_genes = Path(folder), layout, int(n_samples), top_genes
+        self.arrays: dict[str, NpyRows] = {}
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+        self.counts: dict[str, int] = {}
+        self.first: Explanation | None = None
+        self.gaps: list[np.ndarray] = []
+        self.max_steps_used = 0
+        self.files: dict[str, str] = {}
+
+    def _open(self, result: Explanation) -> None:
+        attribution = result.attribution
+        n, (c, h, w) = self.n_samples, result.saliency.shape[1:]
+        g = attribution.values.shape[1]
+        self.arrays = {"saliency.npy": NpyRows(self.folder / "saliency.npy", (n, c, h, w)),
+                       "saliency_max.npy": NpyRows(self.folder / "saliency_max.npy", (n, h, w)),
+                       "gene_attribution.npy": NpyRows(self.folder / "gene_attribution.npy", (n, g))}
+        self.files["gene_attribution.npy"] = (f"signed {attribution.method} attribution per sample and gene (N, G), "
+                                              "target = predicted class; genes as in the gene tables' model order")
+        if attribution.contrastive is not None:
+            self.arrays["gene_contrastive.npy"] = NpyRows(self.folder / "gene_contrastive.npy", (n, g))
+            self.files["gene_contrastive.npy"] = ("contrastive attribution (N, G): predicted class's logit minus "
+                                                  "the others' mean")
+        if attribution.baseline_values is not None:
+            np.save(self.folder / "baseline.npy", attribution.baseline_values.astype(np.float32))
+            self.files["baseline.npy"] = (f"attribution baseline (G,): "
+                                          f"{attribution.describe().get('baseline_description')}")
+        self.samples_csv = open(self.folder / "samples.csv", "w", newline="")
+        self.top_csv = open(self.folder / "sample_top_genes.csv", "w", newline="")
+
+    def add(self, result: Explanation) -> None:
+        """Append a block of explained samples (in the order they should appear in the files)."""
+        if result.attribution is None:
+            raise OmicsInputError(_NO_GENE_MAP)
+        header = self.first is None
+        if header:
+            self.first = result
+            self._open(result)
+        attribution = result.attribution
+        self.arrays["saliency.npy"].append(result.saliency)
+        self.arrays["saliency_max.npy"].append(result.saliency.max(axis=1))
+        self.arrays["gene_attribution.npy"].append(attribution.values)
+        if "gene_contrastive.npy" in self.arrays:
+            self.arrays["gene_contrastive.npy"].append(attribution.contrastive)
+        samples = pd.DataFrame({"sample": result.samples})
+        if result.true is not None:
+            samples["true"] = result.true
+        samples["predicted"] = result.predicted
+        for k, name in enumerate(result.classes):
+            samples[f"prob_{name}"] = result.proba[:, k]
+        samples.to_csv(self.samples_csv, index=False, header=header)
+        sample_top_genes(result, self.layout, self.top_genes).to_csv(self.top_csv, index=False, header=header)
+        for name, members in result.class_members.items():
+            sums = self.sums.setdefault(name, {})
+            parts = {"attribution": attribution.values, "contrastive": attribution.contrastive,
+                     "saliency": result.saliency, "expression": result.x}
+            for key, values in parts.items():
+                if values is not None:
+                    total = np.asarray(values[members], dtype=np.float64).sum(axis=0)
+                    sums[key] = sums[key] + total if key in sums else total
+            self.counts[name] = self.counts.get(name, 0) + len(members)
+        gaps = attribution.completeness_error()
+        if gaps is not None:
+            self.gaps.append(gaps)
+        self.max_steps_used = max(self.max_steps_used, int(attribution.options.get("max_steps_used", 0)))
+
+    def class_table(self, name: str) -> pd.DataFrame:
+        """Genes ranked by the class's mean signed attribution over its members so far."""
+        sums, n = self.sums[name], self.counts[name]
+        contrastive = sums.get("contrastive")
+        return gene_table(self.layout, sums["saliency"] / n, sums["expression"] / n,
+                          attribution=sums["attribution"] / n,
+                          contrastive=None if contrastive is None else contrastive / n)
+
+    def _attribution_summary(self) -> dict:
+        summary = self.first.attribution.describe()
+        if self.gaps:
+            gaps = np.concatenate(self.gaps)
+            summary["completeness_max_relative_error"] = float(np.max(gaps))
+            summary["completeness_median_relative_error"] = float(np.median(gaps))
+        if "max_steps_used" in summary:
+            summary["max_steps_used"] = self.max_steps_used
+        return summary
+
+    def finish(self, *, n_missing_genes: int = 0, selection: dict | None = None) -> dict:
+        """Close the per-sample files, write the class tables, maps and ``explain.json``; returns the summary."""
+        import json
+
+        if self.first is None:
+            raise OmicsInputError("no sample was explained; nothing to write.")
+        for array in self.arrays.values():
+            array.close()
+        self.samples_csv.close()
+        self.top_csv.close()
+        result, layout = self.first, self.layout
+        self.tables, stems, taken, class_maps = {}, {}, set(), []
+        members = [name for name in result.classes if self.counts.get(name, 0)]
+        for name in members:
+            stems[name] = f"genes_{_file_stem(name, taken)}.csv"
+            self.tables[name] = self.class_table(name)
+            self.tables[name].to_csv(self.folder / stems[name], index=False)
+            class_maps.append(self.sums[name]["saliency"] / self.counts[name])
+        if class_maps:
+            np.save(self.folder / "class_saliency.npy", np.stack(class_maps).astype(np.float32))
+        summary = {"method": result.method, "pixel_method": result.pixel_method,
+                   "attribution": self._attribution_summary(), "grouping": result.grouping,
+                   "ranking": "genes ranked by |mean signed attribution| over the class's members (rank 1 = most "
+                              "important); pixel_saliency is the paper's saliency at the gene's pixel",
+                   "classes": [{"class": name, "n_samples": self.counts[name], "gene_table": stems[name],
+                                "class_saliency_index": i} for i, name in enumerate(members)],
+                   "classes_without_samples": [c for c in result.classes if c not in members],
+                   "n_samples": self.n_samples, "n_missing_genes": int(n_missing_genes),
+                   "saliency_shape": list(self.arrays["saliency.npy"].shape), "layout": layout.describe(),
+                   "files": {**self.files,
+                             "saliency.npy": f"per-sample {result.pixel_method} pixel saliency (N, C, H, W), "
+                                             "target = predicted class",
+                             "saliency_max.npy": "the paper's map M: maximum over channels (N, H, W)",
+                             "class_saliency.npy": "per-class mean pixel saliency (classes as listed, C, H, W)",
+                             "samples.csv": "predictions per sample",
+                             "sample_top_genes.csv": f"top {self.top_genes} genes per sample",
+                             "genes_<class>.csv": "all genes ranked per class"}}
+        if selection is not None:
+            summary["selection"] = selection
+        (self.folder / "explain.json").write_text(json.dumps(summary, indent=2))
+        self.summary = summary
+        return summary

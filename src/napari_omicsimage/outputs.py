@@ -222,3 +222,34 @@ def write_output_dir(out, fill: Callable[[Path], None], *, overwrite: bool = Fal
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
     return out
+
+
+class NpyRows:
+    """A float32 ``.npy`` file of known shape, written block of rows by block of rows (nothing kept in memory).
+
+    For per-sample arrays of streamed commands (``explain``, ``render`` at atlas scale), written inside a
+    :func:`write_output_dir` fill; :meth:`close` checks that every row came.
+    """
+
+    def __init__(self, path, shape):
+        import numpy as np
+
+        self.path, self.shape, self.rows = Path(path), tuple(int(s) for s in shape), 0
+        self.stream = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self.stream, header)
+
+    def append(self, block) -> None:
+        import numpy as np
+
+        block = np.ascontiguousarray(block, dtype="<f4")
+        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path.name}: rows of shape {block.shape} do not fit {self.shape}")
+        block.tofile(self.stream)
+        self.rows += len(block)
+
+    def close(self) -> None:
+        self.stream.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")

@@ -68,6 +68,12 @@ def imagify(
         images = layout.fit_transform(x, preprocessor.genes_, **render)
     else:  # QC left samples out of the fit; every sample still gets its image
         images = layout.fit(x[passed], preprocessor.genes_).transform(x, **render)
+    return Imagified(images, adata.obs_names.copy(), labels, layout, preprocessor, x,
+                     render_notes(adata, preprocessor, layout))
+
+
+def render_notes(adata: ad.AnnData, preprocessor: Preprocessor, layout: Layout) -> list[str]:
+    """What ``omicsimage render`` prints and keeps in ``layout.json``: reading, scale, genes, layout."""
     notes = [*reading_notes(adata), *preprocessor.notes_,
              f"{adata.n_obs} samples × {len(preprocessor.genes_)} genes after preprocessing",
              layout.describe()]
@@ -78,7 +84,7 @@ def imagify(
     if not layout.has_gene_map:
         notes.append("published RGB method: pixels are sample-embedding positions, not genes; "
                      "no gene can be traced from these images")
-    return Imagified(images, adata.obs_names.copy(), labels, layout, preprocessor, x, notes)
+    return notes
 
 
 def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: bool = False,
@@ -91,19 +97,24 @@ def write_render_outputs(result: Imagified, out_dir: str | Path, *, overwrite: b
     """
     def fill(tmp: Path) -> None:
         np.save(tmp / "images.npy", result.images.astype(np.float32, copy=False))
-        frame = pd.DataFrame({"sample": result.samples})
-        frame["label"] = result.labels.to_numpy() if result.labels is not None else ""
-        frame.to_csv(tmp / "samples.csv", index=False)
-        layout = result.layout
-        if layout.has_gene_map:
-            save_layout(layout, tmp / "layout.npz")
-            layout.pixel_map_.pixel_table().to_csv(tmp / "pixel_genes.csv", index=False)
-        else:
-            pd.DataFrame(columns=["channel", "row", "col", "n_genes", "genes"]).to_csv(
-                tmp / "pixel_genes.csv", index=False)
-        (tmp / "layout.json").write_text(json.dumps(
-            {"method": layout.method, "description": layout.describe(),
-             "has_gene_map": layout.has_gene_map, "shape": list(result.images.shape),
-             "genes": [str(g) for g in result.genes], "notes": result.notes}, indent=2))
+        write_render_files(tmp, samples=result.samples, labels=result.labels, layout=result.layout,
+                           genes=result.genes, shape=result.images.shape, notes=result.notes)
 
     return write_output_dir(out_dir, fill, overwrite=overwrite, inputs=inputs)
+
+
+def write_render_files(folder: Path, *, samples, labels, layout: Layout, genes, shape, notes) -> None:
+    """Everything of ``omicsimage render`` but ``images.npy``: ``samples.csv``, the layout, ``pixel_genes.csv``
+    and ``layout.json`` (the streaming render writes the images block by block beside them)."""
+    frame = pd.DataFrame({"sample": samples})
+    frame["label"] = labels.to_numpy() if labels is not None else ""
+    frame.to_csv(folder / "samples.csv", index=False)
+    if layout.has_gene_map:
+        save_layout(layout, folder / "layout.npz")
+        layout.pixel_map_.pixel_table().to_csv(folder / "pixel_genes.csv", index=False)
+    else:
+        pd.DataFrame(columns=["channel", "row", "col", "n_genes", "genes"]).to_csv(
+            folder / "pixel_genes.csv", index=False)
+    (folder / "layout.json").write_text(json.dumps(
+        {"method": layout.method, "description": layout.describe(), "has_gene_map": layout.has_gene_map,
+         "shape": list(shape), "genes": [str(g) for g in genes], "notes": list(notes)}, indent=2))

@@ -264,8 +264,14 @@ def fit_network(batches: ImageBatches, y: np.ndarray, n_classes: int, n_channels
 
 
 def train_loop(model, source, config: TrainConfig, *, progress: Progress | None = None,
-               fold: int | None = None, n_folds: int | None = None, max_steps: int | None = None):
+               fold: int | None = None, n_folds: int | None = None, max_steps: int | None = None,
+               loss_fn=None):
     """Train ``model`` in place on the batches of ``source``; returns ``(history, cancelled)``.
+
+    ``loss_fn``: ``None`` trains a classifier (cross-entropy on class codes;
+    batches and epochs report the training accuracy); any other loss (e.g.
+    ``torch.nn.MSELoss()`` for the histology regression head) is used as given
+    and no accuracy is reported.
 
     ``model`` may be wrapped in ``DistributedDataParallel`` (the gradients are
     then averaged over the processes at every step).  ``max_steps`` stops after
@@ -278,7 +284,8 @@ def train_loop(model, source, config: TrainConfig, *, progress: Progress | None 
 
     device = source.device
     optimiser = torch.optim.Adam(model.parameters(), lr=float(config.lr))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    classifier = loss_fn is None
+    loss_fn = torch.nn.CrossEntropyLoss() if classifier else loss_fn
     use_amp = bool(config.mixed_precision and device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     n_batches = source.n_batches
@@ -313,11 +320,14 @@ def train_loop(model, source, config: TrainConfig, *, progress: Progress | None 
             steps += 1
             batch_loss = float(loss.detach())
             batch_losses.append((batch_loss, len(targets)))
-            hits = logits.detach().argmax(1) == targets
-            correct += int(hits.sum())
+            metrics = {}
+            if classifier:
+                hits = logits.detach().argmax(1) == targets
+                correct += int(hits.sum())
+                metrics["accuracy"] = float(hits.float().mean())
             seen += len(targets)
             event = ProgressEvent("batch", fold, n_folds, epoch, int(config.epochs), b, n_batches,
-                                  batch_loss, {"accuracy": float(hits.float().mean())})
+                                  batch_loss, metrics)
             if _wants_cancel(progress, event):
                 cancelled = True
                 break
@@ -327,12 +337,13 @@ def train_loop(model, source, config: TrainConfig, *, progress: Progress | None 
             break
         weights = np.array([w for _, w in batch_losses], dtype=float)
         epoch_loss = float(np.average([v for v, _ in batch_losses], weights=weights))
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "train_accuracy": correct / max(seen, 1),
-                  "batch_losses": [v for v, _ in batch_losses]}
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "batch_losses": [v for v, _ in batch_losses]}
+        if classifier:
+            record["train_accuracy"] = correct / max(seen, 1)
         history.append(record)
         finished_state = copy.deepcopy(model.state_dict())
         event = ProgressEvent("epoch", fold, n_folds, epoch, int(config.epochs), None, None, epoch_loss,
-                              {"train_accuracy": record["train_accuracy"]})
+                              {k: v for k, v in record.items() if k == "train_accuracy"})
         if _wants_cancel(progress, event):
             cancelled = True
             break

@@ -100,7 +100,7 @@ def image_layers(imageset: ImageSet, *, payload: dict | None = None) -> list[tup
     """
     layers: list[tuple] = []
     rgb = imageset.n_channels == 3
-    contrast = image_contrast(imageset.images)
+    contrast = image_contrast(imageset.contrast_images)
     colour = {} if rgb else {"colormap": IMAGE_COLORMAP, "contrast_limits": contrast}
 
     if imageset.class_images is not None:

@@ -130,6 +130,17 @@ class OmicsSession:
             raise OmicsInputError("no data loaded: open a file or the sample data in the Data widget first.")
         return self.adata
 
+    def require_in_memory(self, what: str, command: str):
+        """The data, refusing a backed file: ``what`` (training, prediction) runs on it from the CLI, which
+        streams the cells; the napari widgets hold the samples in memory for it."""
+        adata = self.require_data()
+        if adata.isbacked:
+            raise OmicsInputError(
+                f"{what} on a backed file ({adata.n_obs:,} cells on disk) runs from the command line, which "
+                f"streams the cells: {command}. To do it here, open a smaller file in memory (Data widget, "
+                "'.h5ad: in memory').")
+        return adata
+
     def require_labels(self) -> str:
         self.require_data()
         if self.label_column is None:
@@ -137,24 +148,30 @@ class OmicsSession:
         return self.label_column
 
     # --------------------------------------------------------------- images
-    def set_imagified(self, result, layout_spec: dict) -> None:
-        """Show a fresh :func:`~napari_omicsimage.pipeline.imagify` result."""
+    def set_imagified(self, result, layout_spec: dict, prepared: tuple | None = None) -> None:
+        """Show a fresh :func:`~napari_omicsimage.pipeline.imagify` (or
+        :func:`~napari_omicsimage.streaming.lazy.imagify_cells`) result; ``prepared`` is
+        ``(imageset, layers)`` made by :func:`make_layers` in the worker that computed it."""
         self.imagified = result
         self.layout_spec = dict(layout_spec)
+        if prepared is not None:
+            self.show_imageset(*prepared)
+            return
         self.show_imageset(ImageSet.from_imagified(result, self.label_column))
 
-    def show_imageset(self, imageset: ImageSet) -> None:
-        """Replace the omicsimage layers by those of ``imageset`` (hand-drawn regions stay)."""
+    def show_imageset(self, imageset: ImageSet, layers: list | None = None) -> None:
+        """Replace the omicsimage layers by those of ``imageset`` (hand-drawn regions stay).
+
+        ``layers``: the napari layers of ``imageset`` made beforehand by :func:`make_layers` (in a worker
+        thread), so that the window only has to add them.
+        """
         viewer = self.viewer
         sample = self.current_sample()
         keep_regions = [layer for layer in viewer.layers if L.role_of(layer) == "regions"]
         self._remove_layers(lambda layer: L.role_of(layer) not in (None, "regions"))
         self.imageset = imageset
-        first = None
-        for data, kwargs, kind in L.image_layers(imageset):
-            layer = _create_layer(data, kwargs, kind)
+        for layer in layers if layers is not None else make_layers(imageset):
             viewer.add_layer(layer)
-            first = first or layer
         for layer in keep_regions:
             layer.metadata[L.META_KEY]["imageset"] = imageset
             # keep drawn regions on top of the new images
@@ -471,6 +488,17 @@ def _create_layer(data, kwargs, kind):
     from napari.layers import Layer
 
     return Layer.create(data, kwargs, kind)
+
+
+def make_layers(imageset: ImageSet) -> list:
+    """The napari layers showing ``imageset`` (not yet in a viewer).
+
+    Layer objects hold no Qt state until a viewer adds them, so a worker
+    thread can make them: building five layers (units registry, transforms,
+    the first slice of a lazy stack) takes seconds on a slow machine, which
+    would otherwise freeze the window when an Imagify run ends.
+    """
+    return [_create_layer(data, kwargs, kind) for data, kwargs, kind in L.image_layers(imageset)]
 
 
 def install_gene_status(layer, session: OmicsSession) -> None:

@@ -20,10 +20,13 @@ from .._reader import guess_label_column
 from ..errors import OmicsInputError
 from ..io import SAMPLE_DATASETS, load_sample_data, read_expression, read_labels_table, reading_notes
 from ..preprocess import PreprocessConfig, decide_scale
+from ..streaming import STREAM_ABOVE_CELLS, open_cells, wants_streaming
 from ._common import (
+    BackgroundTask,
     fill_table,
     group,
     make_table,
+    progress_bar,
     report_error,
     scroll_layout,
     wrapped_label,
@@ -35,6 +38,9 @@ ORIENTATIONS = {"detect automatically": "auto", "genes in rows": "genes-in-rows"
 SCALES = {"detect automatically": None, "already log-scale (microarray, normalised)": True,
           "raw counts (normalise + log1p)": False}
 NO_LABELS = "(no labels)"
+#: how an .h5ad is read: the CLI's --backed auto|yes|no (backed: X stays on disk, cells stream in blocks)
+READ_MODES = {f"automatic (backed above {STREAM_ABOVE_CELLS:,} cells)": "auto",
+              "backed: cells stay on disk (.h5ad)": "yes", "in memory": "no"}
 EXPRESSION_FILTER = "Expression data (*.h5ad *.csv *.tsv *.txt *.csv.gz *.tsv.gz *.txt.gz *.h5 *.mtx *.mtx.gz)"
 
 
@@ -79,6 +85,20 @@ class DataWidget(QWidget):
         self.labels_path_label = QLabel("no separate labels table")
         self.orientation_combo = QComboBox()
         self.orientation_combo.addItems(list(ORIENTATIONS))
+        self.read_combo = QComboBox()
+        self.read_combo.addItems(list(READ_MODES))
+        self.read_combo.setToolTip("backed: the .h5ad stays on disk; preprocessing and images stream cells in "
+                                   "blocks, so memory does not grow with the number of cells")
+        self.task = BackgroundTask()
+        self._read_id = 0
+        #: (id of a backed AnnData, its auto scale decision): judged once, on its first cells, while reading
+        self._backed_scale: tuple[int, str] | None = None
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = progress_bar()
+        self.progress.setVisible(False)
+        self.read_status = wrapped_label("")
 
         open_row = QHBoxLayout()
         open_row.addWidget(self.open_button)
@@ -88,6 +108,10 @@ class DataWidget(QWidget):
         sample_row.addWidget(self.sample_button)
         orientation_form = QFormLayout()
         orientation_form.addRow("tables:", self.orientation_combo)
+        orientation_form.addRow(".h5ad:", self.read_combo)
+        read_row = QHBoxLayout()
+        read_row.addWidget(self.progress, 1)
+        read_row.addWidget(self.cancel_button)
 
         self.summary = wrapped_label("No data loaded. Open a file, drop one on the canvas, or load the sample data.")
         self.label_combo = QComboBox()
@@ -115,7 +139,8 @@ class DataWidget(QWidget):
             signal.connect(self._preprocessing_changed)
 
         layout = scroll_layout(self)
-        layout.addWidget(group("Open", open_row, self.labels_path_label, orientation_form, sample_row))
+        layout.addWidget(group("Open", open_row, self.labels_path_label, orientation_form, sample_row, read_row,
+                               self.read_status))
         layout.addWidget(group("Samples and classes", self.summary, label_form, self.class_table))
         layout.addWidget(group("Preprocessing (used by Imagify and Train)", pre_form))
         layout.addStretch(1)
@@ -144,20 +169,86 @@ class DataWidget(QWidget):
         return True
 
     def load_path(self, path: str | Path, labels: str | Path | None = None) -> bool:
-        """Read an expression file (and optional labels table) into the session."""
+        """Start reading an expression file (and optional labels table) into the session.
+
+        The read runs in a thread worker (the window stays responsive; the
+        progress bar says "reading…", Cancel stops waiting); the data arrive in the
+        session when it finishes (``task.running`` turns False).  A large
+        ``.h5ad`` (the CLI's ``--backed auto`` rule, or the ".h5ad" choice) is
+        opened backed: nothing of cells × genes is read.  Returns False when the
+        read could not start.
+        """
         labels = labels if labels is not None else self._labels_path
+        orientation = ORIENTATIONS[self.orientation_combo.currentText()]
         try:
-            adata = read_expression(path, orientation=ORIENTATIONS[self.orientation_combo.currentText()],
-                                    labels=labels, label_column=_first_class_column(labels))
+            if self.task.running:
+                raise OmicsInputError("a file is being read; wait for it or press Cancel first.")
+            backed = wants_streaming(path, READ_MODES[self.read_combo.currentText()])
         except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
             report_error(exc)
             return False
+        label_column = _first_class_column(labels)
+
+        def work():
+            if not backed:
+                adata = read_expression(path, orientation=orientation, labels=labels, label_column=label_column)
+                return adata, None
+            from ..streaming.fit import decide_scale_streaming
+
+            adata = open_cells(path, labels=labels, label_column=label_column if labels is not None else None)
+            # judged once here, on the first cells: the summary must not read a backed file on the main thread
+            return adata, decide_scale_streaming(adata, None, PreprocessConfig()).describe()
+
+        self._read_id += 1
+        read_id = self._read_id
+        self.progress.setVisible(True)
+        # a read reports no progress; a still bar with its text, not Qt's animated busy bar, whose repaints
+        # take the GIL from the worker (see imagify.STAGE_SPANS)
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setFormat("reading…")
+        how = "backed (cells stay on disk)" if backed else "into memory"
+        self.read_status.setText(f"reading {Path(path).name} {how}…")
+        self._set_busy(True)
+        self.task.start(work, on_done=lambda value: self._read_done(value, labels, path, read_id),
+                        on_error=lambda exc: self._read_failed(exc, read_id), on_finished=self._read_finished)
+        return True
+
+    def _read_done(self, value, labels, path, read_id) -> None:
+        if read_id != self._read_id:
+            return
+        adata, scale = value
+        self._backed_scale = (id(adata), scale) if scale is not None else None
         label_column = guess_label_column(adata)
         if labels is not None:
             # the labels table's own column (the first one, or the only one) holds the classes
             label_column = adata.uns.get("omicsimage", {}).get("label_column", label_column)
+        backed = " (backed: cells stay on disk)" if adata.isbacked else ""
+        self.read_status.setText(f"read {Path(path).name}: {adata.n_obs:,} samples{backed}")
         self.session.set_data(adata, label_column, source=Path(path).name, path=str(path))
-        return True
+
+    def _read_failed(self, exc, read_id) -> None:
+        if read_id == self._read_id:
+            self.read_status.setText(f"failed: {exc}")
+            report_error(exc)
+
+    def _read_finished(self) -> None:
+        self.progress.setFormat("%p%")
+        self.progress.setVisible(False)
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        for widget in (self.open_button, self.labels_button, self.sample_button):
+            widget.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def cancel(self) -> None:
+        """Stop waiting for the read: it cannot be interrupted, so its result is discarded when it ends."""
+        if self.task.running:
+            self._read_id += 1
+            self.task.detach()
+            self._read_finished()
+            self.read_status.setText("cancelled (the read finishes in the background and is discarded)")
 
     def load_sample(self, name: str = "pbmc68k_reduced") -> bool:
         try:
@@ -188,6 +279,15 @@ class DataWidget(QWidget):
         self.refresh()
 
     # ----------------------------------------------------------- display
+    def _scale_note(self, adata) -> str:
+        """How the values will be read; for a backed file the decision made while reading (its first cells)."""
+        choice = SCALES[self.scale_combo.currentText()]
+        if adata.isbacked and choice is None:
+            if self._backed_scale is not None and self._backed_scale[0] == id(adata):
+                return self._backed_scale[1]
+            return "values: judged on the first cells when imagifying"
+        return decide_scale(adata, choice).describe()
+
     def refresh(self) -> None:
         adata = self.session.adata
         self._refreshing = True
@@ -196,7 +296,7 @@ class DataWidget(QWidget):
             if adata is None:
                 self.class_table.setRowCount(0)
                 return
-            notes = [*reading_notes(adata), decide_scale(adata, SCALES[self.scale_combo.currentText()]).describe()]
+            notes = [*reading_notes(adata), self._scale_note(adata)]
             source = self.session.source or "data"
             self.label_combo.addItem(NO_LABELS)
             self.label_combo.addItems([str(c) for c in adata.obs.columns])
@@ -210,7 +310,8 @@ class DataWidget(QWidget):
             else:
                 self.class_table.setRowCount(0)
                 classes = "; no labels chosen (training needs them)"
-            self.summary.setText(f"{source}: {adata.n_obs} samples × {adata.n_vars} genes{classes}"
+            backed = "; backed: cells stay on disk" if adata.isbacked else ""
+            self.summary.setText(f"{source}: {adata.n_obs} samples × {adata.n_vars} genes{classes}{backed}"
                                  + "".join(f"\n({note})" for note in notes))
         finally:
             self._refreshing = False

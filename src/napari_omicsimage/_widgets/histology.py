@@ -36,8 +36,11 @@ from ._common import (
     wrapped_label,
 )
 
-FEATURE_CHOICES = ["handcrafted+fourier", "resnet50", "efficientnet_b0", "densenet121", "resnet50+fourier",
-                   "handcrafted", "fourier"]
+FEATURE_CHOICES = ["handcrafted+fourier", "resnet50", "efficientnet_b0", "densenet121", "efficientnet-lite0",
+                   "resnet18", "resnet50+fourier", "handcrafted", "fourier"]
+#: model combo text → HistologyConfig.model
+MODEL_CHOICES = {"PCA + ridge on patch features (HEST)": "ridge",
+                 "fine-tuned CNN head (ST-Net)": "finetune"}
 
 
 class _Cancelled(Exception):
@@ -81,6 +84,20 @@ class HistologyWidget(QWidget):
         self.weights_edit.setToolTip("imagenet, random (baseline, labelled so), or the path of a torchvision .pth")
         self.features_combo.currentTextChanged.connect(self._weights_apply)
         self._weights_apply(self.features_combo.currentText())
+        self.model_combo = QComboBox()
+        self.model_combo.addItems(list(MODEL_CHOICES))
+        self.model_combo.setToolTip("PCA + ridge reads frozen patch features; the fine-tuned head trains the "
+                                    "features' CNN backbone end to end (slow on a CPU)")
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setValue(10)
+        self.input_spin = QSpinBox()
+        self.input_spin.setRange(32, 512)
+        self.input_spin.setSingleStep(16)
+        self.input_spin.setValue(224)
+        self.input_spin.setToolTip("network input side in pixels (fine-tuned head); smaller trains faster")
+        self.model_combo.currentTextChanged.connect(self._model_apply)
+        self._model_apply(self.model_combo.currentText())
         self.genes_spin = QSpinBox()
         self.genes_spin.setRange(1, 2000)
         self.genes_spin.setValue(50)
@@ -96,8 +113,11 @@ class HistologyWidget(QWidget):
         form.addRow("predict:", self.section_edit)
         form.addRow("image:", self.image_edit)
         form.addRow("µm per pixel:", self.um_spin)
+        form.addRow("model:", self.model_combo)
         form.addRow("features:", self.features_combo)
         form.addRow("weights:", self.weights_edit)
+        form.addRow("epochs:", self.epochs_spin)
+        form.addRow("input pixels:", self.input_spin)
         form.addRow("genes (top HVG):", self.genes_spin)
         form.addRow("Shannon keep:", self.keep_spin)
         form.addRow("device:", self.device_combo)
@@ -145,9 +165,11 @@ class HistologyWidget(QWidget):
         from ..histology import HistologyConfig
 
         keep = self.keep_spin.value()
-        return HistologyConfig(features=self.features_combo.currentText().strip(),
+        return HistologyConfig(model=MODEL_CHOICES[self.model_combo.currentText()],
+                               features=self.features_combo.currentText().strip(),
                                weights=self.weights_edit.text().strip() or "imagenet",
                                n_genes=self.genes_spin.value(), keep_fraction=None if keep >= 1 else keep,
+                               epochs=self.epochs_spin.value(), input_px=self.input_spin.value(),
                                device=self.device_combo.currentText()).validate()
 
     def _weights_apply(self, spec: str) -> None:
@@ -155,6 +177,17 @@ class HistologyWidget(QWidget):
         from ..histology.features import BACKBONES
 
         self.weights_edit.setEnabled(any(part.strip() in BACKBONES for part in spec.split("+")))
+
+    def _model_apply(self, text: str) -> None:
+        """The fine-tuned head trains one backbone (DenseNet-121 as ST-Net unless one is chosen)."""
+        from ..histology.features import BACKBONES
+        from ..histology.models import DEFAULT_FEATURES
+
+        finetune = MODEL_CHOICES[text] == "finetune"
+        self.epochs_spin.setEnabled(finetune)
+        self.input_spin.setEnabled(finetune)
+        if finetune and self.features_combo.currentText().strip() not in BACKBONES:
+            self.features_combo.setCurrentText(DEFAULT_FEATURES["finetune"])
 
     def train_paths(self) -> list[str]:
         return [line.strip() for line in self.train_edit.toPlainText().splitlines() if line.strip()]
@@ -178,6 +211,7 @@ class HistologyWidget(QWidget):
 
     def fit_work(self, train_paths, section_path, image, config, scale, model=None):
         """Read, fit (unless ``model`` is given) and predict; runs in the worker thread."""
+        from ..errors import TrainingCancelled
         from ..histology import fit, read_section
         from ..histology.features import FeaturesCancelled
 
@@ -190,9 +224,9 @@ class HistologyWidget(QWidget):
                 train = [read_section(p, scale=scale) for p in train_paths]
                 model = fit(train, config, progress=self._progress("fitting"))
             section = read_section(section_path, image=image or None, scale=scale, require_counts=False)
-            extractor = model.extractor(device=config.device if config is not None else None)
-            predictions = model.predict(section, progress=self._progress("predicting"), extractor=extractor)
-        except FeaturesCancelled as exc:
+            predictions = model.predict(section, progress=self._progress("predicting"),
+                                        device=config.device if config is not None else None)
+        except (FeaturesCancelled, TrainingCancelled) as exc:
             raise _Cancelled(str(exc)) from None
         return model, section, predictions
 
@@ -238,12 +272,18 @@ class HistologyWidget(QWidget):
 
     def _on_event(self, value) -> None:
         what, event = value
-        if event.stage == "features" and event.n_batches:
+        if event.stage in ("features", "patches") and event.n_batches:
             section, n_sections = int(event.metrics.get("section", 0)), int(event.metrics.get("n_sections", 1))
             done = (section + (event.batch + 1) / event.n_batches) / max(n_sections, 1)
             self.progress.setValue(int(self.progress.maximum() * done))
-            self.status.setText(f"{what}: patch features of section {section + 1}/{n_sections}, "
+            kind = "patch features" if event.stage == "features" else "patches"
+            self.status.setText(f"{what}: {kind} of section {section + 1}/{n_sections}, "
                                 f"batch {event.batch + 1}/{event.n_batches}")
+        elif event.stage == "batch" and event.n_epochs:
+            done = (event.epoch + (event.batch + 1) / event.n_batches) / event.n_epochs
+            self.progress.setValue(int(self.progress.maximum() * done))
+            self.status.setText(f"{what}: training, epoch {event.epoch + 1}/{event.n_epochs}, "
+                                f"batch {event.batch + 1}/{event.n_batches}, loss {event.loss:.3f}")
 
     def _failed(self, exc) -> None:
         if isinstance(exc, _Cancelled):
@@ -284,8 +324,8 @@ class HistologyWidget(QWidget):
         self.show_gene(predictions.var_names[0])
         self.fit_view()
         notes = [(f"{predictions.n_obs} {section.kind} of {section.name}, {predictions.n_vars} genes; "
-                  f"features: {self.model.config.feature_description}"),
-                 f"values: {self.model.scale}", selection.describe()]
+                  f"model: {self.model.config.model_description}"),
+                 f"values: {self.model.scale}", selection.describe(), *self.model.notes]
         self.summary.setText("\n".join(notes))
         self.status.setText("done: hover a spot for its top predicted genes")
         self.save_button.setEnabled(True)

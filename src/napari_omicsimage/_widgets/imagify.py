@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -20,7 +22,10 @@ from ..layouts import (
     GRID_ORDERS,
     METHODS,
 )
+from .._hover import ImageSet
+from ..errors import OmicsInputError
 from ..pipeline import imagify
+from ..streaming.lazy import imagify_cells
 from ._common import (
     BackgroundTask,
     Relay,
@@ -31,7 +36,7 @@ from ._common import (
     scroll_layout,
     wrapped_label,
 )
-from ._state import get_session
+from ._state import get_session, make_layers
 
 METHOD_HELP = {
     "deepinsight": "genes placed by a 2-D embedding of their profiles (similar genes sit together)",
@@ -44,6 +49,15 @@ METHOD_HELP = {
 #: methods whose random seed changes the layout
 SEEDED_METHODS = ("deepinsight", "rgb-layouts", "rgb-embedding", "som")
 DISCRETIZED_METHODS = ("deepinsight", "fotomics", "rgb-layouts")
+
+
+#: the share of the progress bar each stage of an Imagify run fills (steps that report no progress, like the
+#: layout fit, hold the bar still with their name beside it).  Never Qt's animated busy bar: its repaints
+#: take the GIL from the worker many times a second, and fitting a 10,000-cell DeepInsight layout took 5×
+#: as long (52 s → 245-270 s, benchmarks/bench_napari_scale.py --quick) while it was on screen.
+STAGE_SPANS = (("preprocessing", (0.0, 0.3)), ("fitting", (0.3, 0.3)), ("class means", (0.6, 0.95)),
+               ("rendering a preview", (0.95, 0.95)), ("making the layers", (0.97, 0.97)),
+               ("rendering images", (0.6, 1.0)))
 
 
 def _default_size_spin(method: str, discretization: str = "bin") -> int:
@@ -63,6 +77,7 @@ class ImagifyWidget(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.task = BackgroundTask()
+        self._cancel = threading.Event()
         self._run_id = 0
         self._method: str | None = None  # the method whose default size the size box shows
         self._discretization = "bin"  # and the discretisation it was shown for
@@ -189,16 +204,35 @@ class ImagifyWidget(QWidget):
             return
         params = {k: v for k, v in spec.items() if k not in ("method", "size")}
         label_column, preprocess = session.label_column, session.preprocess
-        relay = self._relay
+        relay, cancel = self._relay, self._cancel
+        if spec["method"] == "rgb-embedding" and adata.isbacked:
+            report_error(OmicsInputError("the rgb-embedding method places every sample at fit time and cannot "
+                                         "stream a backed file; use a gene layout (deepinsight, fotomics, "
+                                         "rgb-layouts, grid, som)."))
+            return
 
         def work():
-            return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
-                           preprocess=preprocess, layout_params=params,
-                           progress=lambda done, total: relay.event.emit((done, total)))
+            if spec["method"] == "rgb-embedding":  # places samples, not genes: rendered at fit, in memory
+                return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
+                               preprocess=preprocess, layout_params=params,
+                               progress=lambda done, total: relay.event.emit(("rendering images", done, total)))
+
+            def progress(stage, done, total):
+                relay.event.emit((stage, done, total))
+                return cancel.is_set()
+
+            # gene layouts: a lazy stack (napari renders the image under the slider), streamed class means
+            result = imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
+                                   preprocess=preprocess, layout_params=params, progress=progress)
+            progress("making the layers", 0, 0)
+            imageset = ImageSet.from_imagified(result, label_column)
+            return result, (imageset, make_layers(imageset))  # here, not in the window's thread
 
         self._run_id += 1
         run_id = self._run_id
-        self.progress.setRange(0, 0)  # busy: fitting a layout reports no progress
+        self._cancel.clear()
+        self.progress.setRange(0, 1000)  # never the animated busy bar: see STAGE_SPANS
+        self.progress.setValue(0)
         self.status.setText(f"fitting the {spec['method']} layout on {adata.n_obs} samples…")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -206,26 +240,31 @@ class ImagifyWidget(QWidget):
                         on_error=lambda exc: self._failed(exc, run_id), on_finished=self._finished)
 
     def cancel(self) -> None:
-        """Stop waiting: a layout fit cannot be interrupted, so its result is discarded when it ends."""
+        """Stop: the streaming passes stop at their next block; a layout fit cannot be interrupted, so its
+        result is discarded when it ends."""
         if self.task.running:
+            self._cancel.set()
             self._run_id += 1
             self.task.detach()
             self._finished()
             self.progress.setValue(0)
-            self.status.setText("cancelled (the running layout fit finishes in the background and is discarded)")
+            self.status.setText("cancelled (work under way stops at its next step and is discarded)")
 
     def _on_progress(self, value) -> None:
-        done, total = value
-        if self.task.running:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(self.progress.maximum() * done / max(total, 1)))
-            self.status.setText(f"rendering images: {done}/{total}")
+        stage, done, total = value
+        if not self.task.running:
+            return
+        first, last = next((span for prefix, span in STAGE_SPANS if stage.startswith(prefix)), (0.0, 1.0))
+        share = first + (last - first) * (done / total if total else 0.0)
+        self.progress.setValue(max(self.progress.value(), int(self.progress.maximum() * share)))
+        self.status.setText(f"{stage}: {done:,}/{total:,}" if total else f"{stage}…")
 
     def _done(self, result, spec, run_id) -> None:
         if run_id != self._run_id:
             return
+        result, prepared = result if isinstance(result, tuple) else (result, None)
         try:
-            self.session.set_imagified(result, spec)
+            self.session.set_imagified(result, spec, prepared)
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return

@@ -84,7 +84,8 @@ class LoadModelWidget(QWidget):
         try:
             if self.loaded is None:
                 raise OmicsInputError("open a checkpoint first.")
-            self.session.require_data()
+            self.session.require_in_memory(
+                "prediction", f"omicsimage predict model.pt {self.session.source or 'FILE'} --out predictions.csv")
             self.session.set_trained(self.loaded)
         except Exception as exc:  # noqa: BLE001
             report_error(exc)

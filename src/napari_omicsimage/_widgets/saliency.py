@@ -144,12 +144,12 @@ class SaliencyWidget(QWidget):
             for start in range(0, len(images), CHUNK):
                 if cancel.is_set():
                     raise _Cancelled()
-                chunk = images[start:start + CHUNK]
+                chunk = np.asarray(images[start:start + CHUNK], dtype=np.float32)  # a lazy stack renders here
                 with torch.no_grad():
                     target = model(torch.as_tensor(chunk, device=device)).argmax(1).cpu().numpy()
                 # explain each sample for the class the model predicts (the paper's saliency)
                 maps.append(np.asarray(saliency(model, chunk, method, target=target), dtype=np.float32))
-                attributions.append(gene_attributions(trained, expression[start:start + CHUNK], gene_method,
+                attributions.append(gene_attributions(trained, np.asarray(expression[start:start + CHUNK]), gene_method,
                                                       target=target))
                 predicted.append(classes[target])
                 relay.event.emit((min(start + CHUNK, len(images)), len(images)))

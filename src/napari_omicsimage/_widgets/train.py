@@ -159,8 +159,10 @@ class TrainWidget(QWidget):
 
         session = self.session
         try:
-            adata = session.require_data()
             label_column = session.require_labels()
+            adata = session.require_in_memory(
+                "training", f"omicsimage train {session.source or 'FILE'} --label-column {label_column} "
+                "--out model.pt")
             spec = self.layout_spec()
             config = self.config()
             folds = self.folds_spin.value()

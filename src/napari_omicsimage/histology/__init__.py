@@ -7,6 +7,7 @@ Qt-free core, in the order the data flow through it:
 * :mod:`.tiles` — patches at a physical size, tissue mask, tile grid, Shannon selection;
 * :mod:`.features` — hand-crafted, Fourier and torchvision-backbone patch features;
 * :mod:`.models` — targets (log1p-normalised HVGs), PCA + ridge, checkpoints, predictions AnnData;
+* :mod:`.finetune` — the fine-tuned network head (ST-Net style, ``HistologyConfig(model="finetune")``);
 * :mod:`.evaluation` — leave-one-section-out Pearson r with baselines.
 
 The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
@@ -15,6 +16,7 @@ The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
 
 from .evaluation import HistologyEvaluation, leave_one_section_out
 from .features import FeatureExtractor
+from .finetune import FineTunedModel
 from .models import (
            EXPRESSION_SCALE,
            HistologyConfig,
@@ -26,6 +28,6 @@ from .models import (
 from .reading import Scale, Section, read_section
 from .slide import Slide, open_slide
 
-__all__ = ["EXPRESSION_SCALE", "FeatureExtractor", "HistologyConfig", "HistologyEvaluation", "HistologyModel",
-           "Scale", "Section", "Slide", "fit", "leave_one_section_out", "load_model", "open_slide",
+__all__ = ["EXPRESSION_SCALE", "FeatureExtractor", "FineTunedModel", "HistologyConfig", "HistologyEvaluation",
+           "HistologyModel", "Scale", "Section", "Slide", "fit", "leave_one_section_out", "load_model", "open_slide",
            "read_section", "save_model"]

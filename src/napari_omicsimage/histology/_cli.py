@@ -30,15 +30,25 @@ def _add_section_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .features import FEATURE_SETS
-    from .models import REDUCERS
+    from .features import BACKBONES, FEATURE_SETS
+    from .models import MODELS, REDUCERS
 
-    parser.add_argument("--features", default="resnet50",
+    parser.add_argument("--model", choices=MODELS, default="ridge",
+                        help="ridge: PCA + ridge on frozen patch features (HEST, default); finetune: one CNN "
+                             "backbone with a linear head trained end to end on the patches (ST-Net)")
+    parser.add_argument("--features", default=None,
                         help=f"patch features: {', '.join(FEATURE_SETS)}, joined with '+' (default resnet50, "
-                             "HEST's baseline; handcrafted and fourier need no weights)")
+                             "HEST's baseline; handcrafted and fourier need no weights; efficientnet-lite0 brings "
+                             "its ImageNet weights in a pip package). With --model finetune: the backbone to "
+                             f"train, one of {', '.join(BACKBONES)} (default densenet121, as ST-Net)")
     parser.add_argument("--weights", default="imagenet", metavar="imagenet|random|FILE",
                         help="backbone weights: imagenet (torchvision weights API), a local torchvision .pth file, "
                              "or random (a baseline, labelled so in every output)")
+    parser.add_argument("--epochs", type=int, default=10, help="--model finetune: passes over the training patches")
+    parser.add_argument("--lr", type=float, default=1e-4, help="--model finetune: Adam learning rate")
+    parser.add_argument("--input-px", type=int, default=224,
+                        help="--model finetune: network input side in pixels (default 224; the patch of --patch-um "
+                             "µm is resampled to it; smaller is faster)")
     parser.add_argument("--patch-um", type=float, default=112.0, help="patch side in µm (default 112, as HEST)")
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument("--n-genes", type=int, default=50, help="top highly variable genes of the training sections")
@@ -54,7 +64,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--keep-fraction", type=float, default=None,
                         help="Shannon selection: train on this fraction of spots with the highest entropy")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--batch-size", type=int, default=32, help="patches per feature batch")
+    parser.add_argument("--batch-size", type=int, default=32, help="patches per feature (or training) batch")
     parser.add_argument("--seed", type=int, default=0, help="seed of random initialisation")
 
 
@@ -62,7 +72,8 @@ def _config(args):
     from .models import HistologyConfig
 
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
-    return HistologyConfig(features=args.features, weights=args.weights,
+    return HistologyConfig(model=args.model, features=args.features, weights=args.weights, epochs=args.epochs,
+                           lr=args.lr, input_px=args.input_px,
                            patch_um=args.patch_um, n_genes=args.n_genes, genes=genes,
                            n_components=args.n_components, reducer=args.reducer, alpha=args.alpha,
                            min_entropy=args.min_entropy, keep_fraction=args.keep_fraction, device=args.device,
@@ -107,7 +118,7 @@ class _Progress:
 
     def __call__(self, event):
         now = time.monotonic()
-        if event.stage == "fold" or (self.verbose and now - self.last > 5):
+        if event.stage in ("fold", "epoch") or (self.verbose and now - self.last > 5):
             self.last = now
             print(event.describe(), file=sys.stderr, flush=True)
 
@@ -153,7 +164,7 @@ def cmd_fit(args) -> int:
     for note in model.notes:
         print(f"note: {note}")
     print(f"fitted on {model.n_train_spots} spots of {', '.join(model.train_sections)}: {len(model.genes)} genes "
-          f"from {config.feature_description}; wrote {out}")
+          f"from {config.model_description}; wrote {out}")
     return 0
 
 
@@ -163,15 +174,14 @@ def cmd_predict(args) -> int:
 
     out = Path(args.out)
     check_output(out, kind="file", inputs=[Path(args.model), Path(args.section)], overwrite=args.overwrite)
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     [section] = _read_sections(args, [args.section], require_counts=False)
     check_output(out, kind="file", inputs=_inputs([section]) + [Path(args.model)], overwrite=args.overwrite)
-    predictions = model.predict(section, progress=_Progress(args.verbose),
-                                extractor=model.extractor(device=args.device))
+    predictions = model.predict(section, progress=_Progress(args.verbose), device=args.device)
     write_output_file(out, lambda tmp: predictions.write_h5ad(tmp), overwrite=args.overwrite,
                       inputs=_inputs([section]) + [Path(args.model)])
     print(f"predicted {predictions.n_vars} genes for {predictions.n_obs} {section.kind} of {section.name} "
-          f"({model.config.feature_description}); values: {model.scale}; wrote {out}")
+          f"({model.config.model_description}); values: {model.scale}; wrote {out}")
     return 0
 
 

@@ -13,7 +13,9 @@ folds and on the same genes:
   value of pretrained (or hand-crafted) features is visible.
 
 Patch features are computed once per section and feature set, then reused by
-every fold.
+every fold.  With ``config.model == "finetune"`` each fold trains a fresh
+network on the training sections' patches (read once per section) and
+scores it the same way; a cancel during a fold's training leaves that fold out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from ..errors import OmicsInputError
+from ..errors import OmicsInputError, TrainingCancelled
 from ..training import ProgressEvent
 from .features import FeatureExtractor, PatchFeatures, describe_features
 from .models import HistologyConfig, fit, log_normalised, target_matrix
@@ -144,16 +146,33 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
         raise OmicsInputError(f"section names repeat ({names}); give each section a distinct folder name.")
     cache = feature_cache if feature_cache is not None else {}
     seconds = {}
-    methods = {"model": f"PCA + ridge on {config.feature_description}", "training mean": "training-mean predictor"}
+    methods = {"model": config.model_description, "training mean": "training-mean predictor"}
+    finetune = config.model == "finetune"
     started = time.perf_counter()
-    main_extractor = FeatureExtractor(config.features, config.weights, device=config.device,
-                                      batch_size=config.batch_size, seed=config.seed)
-    main = _section_features(main_extractor, sections, config, progress, cache, (config.features, config.weights))
-    seconds["features"] = time.perf_counter() - started
+    if finetune:
+        from .finetune import fit_finetuned, section_patches
+
+        patches = {}
+        for i, section in enumerate(sections):
+            ident = (("patches", config.patch_um, config.input_px), section.name)
+            if ident not in cache:
+                cache[ident] = section_patches(section, config, progress=progress, label=f" ({section.name})",
+                                               position=(i, len(sections)))
+            patches[section.name] = cache[ident]
+        entropy = {name: p.entropy for name, p in patches.items()}
+        seconds["patches"] = time.perf_counter() - started
+    else:
+        main_extractor = FeatureExtractor(config.features, config.weights, device=config.device,
+                                          batch_size=config.batch_size, seed=config.seed)
+        main = _section_features(main_extractor, sections, config, progress, cache,
+                                 (config.features, config.weights))
+        entropy = {name: f.entropy for name, f in main.items()}
+        seconds["features"] = time.perf_counter() - started
     random_config = None
     random_features: dict[str, PatchFeatures] = {}
-    if random_backbone and not (config.features == random_backbone and str(config.weights).lower() == "random"):
-        random_config = replace(config, features=random_backbone, weights="random")
+    if random_backbone and not (config.features == random_backbone and str(config.weights).lower() == "random"
+                                and not finetune):
+        random_config = replace(config, model="ridge", features=random_backbone, weights="random")
         started = time.perf_counter()
         extractor = FeatureExtractor(random_backbone, "random", device=config.device,
                                      batch_size=config.batch_size, seed=config.seed)
@@ -167,17 +186,29 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
     started = time.perf_counter()
     for k, held_out in enumerate(sections):
         train = [s for s in sections if s is not held_out]
-        model = fit(train, config, features=main)
+        if finetune:
+            try:
+                model = fit_finetuned(train, config, patches=patches, progress=progress, fold=k,
+                                      n_folds=len(sections))
+            except TrainingCancelled:
+                model = None
+            if model is None or model.cancelled:
+                notes.append(f"cancelled while training fold {k + 1} of {len(sections)} (held out "
+                             f"{held_out.name}); that fold is left out")
+                break
+        else:
+            model = fit(train, config, features=main)
         genes = model.genes
         rows = np.ones(held_out.n_spots, dtype=bool)
         if score_keep_fraction is not None:
-            rows = shannon_select(main[held_out.name].entropy, keep_fraction=score_keep_fraction).keep
+            rows = shannon_select(entropy[held_out.name], keep_fraction=score_keep_fraction).keep
         measured = target_matrix(expression[held_out.name], genes)[rows]
         scored = np.isfinite(measured).all(axis=0)
         if not scored.all():
             notes.append(f"{held_out.name}: {int((~scored).sum())} target gene(s) not measured; left out of its score")
-        predictions = {"model": model.predict_features(main[held_out.name].values[rows]),
-                       "training mean": np.broadcast_to(model.train_mean, measured.shape)}
+        predicted = (model.predict_patches(patches[held_out.name].patches[rows]) if finetune
+                     else model.predict_features(main[held_out.name].values[rows]))
+        predictions = {"model": predicted, "training mean": np.broadcast_to(model.train_mean, measured.shape)}
         if random_config is not None:
             random_model = fit(train, replace(random_config, genes=genes), features=random_features)
             predictions["random " + random_backbone] = random_model.predict_features(
@@ -200,6 +231,9 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
             notes.append(f"cancelled after {k + 1} of {len(sections)} folds")
             break
     seconds["folds"] = time.perf_counter() - started
+    if not fold_rows:
+        raise TrainingCancelled("the evaluation was cancelled before its first fold finished; there is nothing "
+                                "to report.")
     notes.append("the training-mean predictor is constant on the held-out spots, so its Pearson r is undefined; "
                  "compare it by MSE")
     return HistologyEvaluation(pd.DataFrame(gene_rows), pd.DataFrame(fold_rows), methods, notes, seconds)

