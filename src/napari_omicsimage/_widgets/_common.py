@@ -13,9 +13,11 @@ from qtpy.QtCore import QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QFrame,
     QGroupBox,
+    QHBoxLayout,
     QHeaderView,
     QLabel,
     QProgressBar,
+    QPushButton,
     QScrollArea,
     QTableWidget,
     QTableWidgetItem,
@@ -163,6 +165,21 @@ def table_column(table: QTableWidget, name: str) -> list[str]:
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
     c = headers.index(name)
     return [table.item(r, c).text() for r in range(table.rowCount())]
+
+
+def cancel_button(on_cancel: Callable) -> QPushButton:
+    """A Cancel button, disabled until work starts (the widget enables it while its task runs)."""
+    button = QPushButton("Cancel")
+    button.setEnabled(False)
+    button.clicked.connect(on_cancel)
+    return button
+
+
+def button_row(*buttons: QPushButton) -> QHBoxLayout:
+    row = QHBoxLayout()
+    for button in buttons:
+        row.addWidget(button)
+    return row
 
 
 def progress_bar() -> QProgressBar:

@@ -22,6 +22,7 @@ from ..io import SAMPLE_DATASETS, load_sample_data, read_expression, read_labels
 from ..preprocess import PreprocessConfig, decide_scale
 from ..streaming import STREAM_ABOVE_CELLS, open_cells, wants_streaming
 from ._common import (
+    cancel_button,
     BackgroundTask,
     fill_table,
     group,
@@ -93,9 +94,7 @@ class DataWidget(QWidget):
         self._read_id = 0
         #: (id of a backed AnnData, its auto scale decision): judged once, on its first cells, while reading
         self._backed_scale: tuple[int, str] | None = None
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button = cancel_button(self.cancel)
         self.progress = progress_bar()
         self.progress.setVisible(False)
         self.read_status = wrapped_label("")

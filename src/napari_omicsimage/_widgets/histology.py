@@ -16,7 +16,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
@@ -26,6 +25,8 @@ from qtpy.QtWidgets import (
 
 from ..errors import OmicsInputError
 from ._common import (
+    button_row,
+    cancel_button,
     BackgroundTask,
     Relay,
     group,
@@ -126,12 +127,8 @@ class HistologyWidget(QWidget):
         self.fit_button.clicked.connect(self.run_fit)
         self.load_button = QPushButton("Predict with model file…")
         self.load_button.clicked.connect(self._choose_model)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        for button in (self.fit_button, self.load_button, self.cancel_button):
-            buttons.addWidget(button)
+        self.cancel_button = cancel_button(self.cancel)
+        buttons = button_row(self.fit_button, self.load_button, self.cancel_button)
         self.progress = progress_bar()
         self.status = wrapped_label("")
         self.gene_combo = QComboBox()

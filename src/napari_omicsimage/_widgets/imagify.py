@@ -7,7 +7,6 @@ import threading
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -27,6 +26,8 @@ from ..errors import OmicsInputError
 from ..pipeline import imagify
 from ..streaming.lazy import imagify_cells
 from ._common import (
+    button_row,
+    cancel_button,
     BackgroundTask,
     Relay,
     group,
@@ -116,12 +117,8 @@ class ImagifyWidget(QWidget):
 
         self.run_button = QPushButton("Imagify")
         self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
+        self.cancel_button = cancel_button(self.cancel)
+        buttons = button_row(self.run_button, self.cancel_button)
         self.progress = progress_bar()
         self.status = wrapped_label("")
         self.caption = wrapped_label("")

@@ -12,7 +12,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QPushButton,
     QWidget,
 )
@@ -20,6 +19,8 @@ from qtpy.QtWidgets import (
 from .._hover import SaliencyView
 from ..errors import OmicsInputError
 from ._common import (
+    button_row,
+    cancel_button,
     BackgroundTask,
     Relay,
     fill_table,
@@ -74,12 +75,8 @@ class SaliencyWidget(QWidget):
         form.addRow("pixel saliency:", self.method_combo)
         self.compute_button = QPushButton("Compute")
         self.compute_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self._cancel.set)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.compute_button)
-        buttons.addWidget(self.cancel_button)
+        self.cancel_button = cancel_button(self._cancel.set)
+        buttons = button_row(self.compute_button, self.cancel_button)
         self.progress = progress_bar()
         self.status = wrapped_label("Needs a model: train one or load a checkpoint.")
 

@@ -11,7 +11,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -20,6 +19,8 @@ from qtpy.QtWidgets import (
 
 from ..errors import OmicsInputError, TrainingCancelled
 from ._common import (
+    button_row,
+    cancel_button,
     BackgroundTask,
     Relay,
     group,
@@ -96,12 +97,8 @@ class TrainWidget(QWidget):
 
         self.train_button = QPushButton("Train")
         self.train_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.train_button)
-        buttons.addWidget(self.cancel_button)
+        self.cancel_button = cancel_button(self.cancel)
+        buttons = button_row(self.train_button, self.cancel_button)
         self.progress = progress_bar()
         self.status = wrapped_label("")
         self.metrics_table = make_table(METRIC_COLUMNS)
