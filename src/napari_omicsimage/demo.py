@@ -155,7 +155,7 @@ def write_demo_outputs(result: DemoResult, out_dir, *, overwrite: bool = False) 
                 {k: v for k, v in h.items() if k != "batch_losses"} for h in result.trained.history],
             "n_cells": imageset.n_samples, "n_held_out": len(result.held_out),
             "held_out_accuracy": result.held_out_accuracy, "saliency_method": imageset.saliency.method,
-            "gene_attribution": imageset.saliency.attribution.describe(),
+            "gene_attribution": _named_failures(imageset.saliency.attribution.describe(), imageset.samples),
             "class_maps": imageset.saliency.grouping, "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
             "top_genes": {name: table["gene"].head(5).tolist() for name, table in result.class_tables.items()},
         }
@@ -325,3 +325,10 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
     if run:
         napari.run()
     return viewer, docks
+
+
+def _named_failures(summary: dict, samples) -> dict:
+    """The attribution summary with its completeness failures named by sample, not by row."""
+    if "completeness_failures" in summary:
+        summary["completeness_failures"] = [samples[i] for i in summary["completeness_failures"]]
+    return summary

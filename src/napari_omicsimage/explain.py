@@ -438,6 +438,7 @@ class ExplanationWriter:
         self.first: Explanation | None = None
         self.gaps: list[np.ndarray] = []
         self.max_steps_used = 0
+        self.incomplete: list[str] = []
         self.files: dict[str, str] = {}
 
     def _open(self, result: Explanation) -> None:
@@ -494,6 +495,7 @@ class ExplanationWriter:
         gaps = attribution.completeness_error()
         if gaps is not None:
             self.gaps.append(gaps)
+            self.incomplete.extend(str(result.samples[i]) for i in attribution.incomplete_samples())
         self.max_steps_used = max(self.max_steps_used, int(attribution.options.get("max_steps_used", 0)))
 
     def class_table(self, name: str) -> pd.DataFrame:
@@ -510,6 +512,8 @@ class ExplanationWriter:
             gaps = np.concatenate(self.gaps)
             summary["completeness_max_relative_error"] = float(np.max(gaps))
             summary["completeness_median_relative_error"] = float(np.median(gaps))
+            # by sample name: the samples whose attributions miss completeness even after refinement
+            summary["completeness_failures"] = list(self.incomplete)
         if "max_steps_used" in summary:
             summary["max_steps_used"] = self.max_steps_used
         return summary
