@@ -446,3 +446,51 @@ def test_any_os_error_becomes_one_line(monkeypatch, capsys, error):
     line = cli_error(capsys, ["render", "/data/x.csv", "--out", "/tmp/never"])
     assert line.startswith("omicsimage render: error: ")
     assert error.filename in line and error.strerror in line
+
+
+# ============================================================ labels (issue 17)
+@pytest.fixture
+def pdata_export(tmp_path, counts):
+    """A phenotype table as Bioconductor writes pData(eset): row names, then pData's own 'sample' column."""
+    data = tmp_path / "x.csv"
+    counts.to_csv(data)
+    labels = tmp_path / "pheno.csv"
+    rows = "".join(f"{s},{i + 1},{'ab'[i % 2]},{'b' + str(i % 3)},{'yes' if i < 4 else 'no'}\n"
+                   for i, s in enumerate(counts.index))
+    labels.write_text("sample,sample,outcome,batch,cancer\n" + rows)
+    return data, labels
+
+
+@pytest.mark.parametrize("extra", [[], ["--sample-column", "#1"], ["--sample-column", "sample"]])
+def test_bioconductor_pdata_export_picks_the_id_column_that_matches(tmp_path, capsys, pdata_export, extra):
+    data, labels = pdata_export
+    err = cli_ok(capsys, render_args(data, tmp_path, "--labels", labels, "--label-column", "outcome", *extra))
+    written = pd.read_csv(tmp_path / "out" / "samples.csv", dtype=str)["label"].tolist()
+    assert written == ["a", "b"] * (N_SAMPLES // 2)
+    if not extra or extra[1] == "sample":
+        assert "2 columns named 'sample' (#1 and #2): sample ids read from #1" in err
+    adata = read_expression(data, labels=labels, label_column="outcome")
+    assert list(adata.obs["sample"]) == [str(i + 1) for i in range(N_SAMPLES)]  # pData's own column kept
+
+
+def test_two_id_columns_that_both_or_neither_match_are_refused(tmp_path, capsys, pdata_export):
+    data, labels = pdata_export
+    text = labels.read_text().splitlines()
+    both = tmp_path / "both.csv"
+    both.write_text("\n".join([text[0]] + [f"{r.split(',')[0]},{r}" for r in text[1:]]).replace(
+        "sample,sample,outcome", "sample,sample,sample,outcome", 1) + "\n")
+    line = cli_error(capsys, render_args(data, tmp_path, "--labels", both, "--label-column", "outcome"))
+    assert "3 columns named 'sample'" in line and "each holds the expression's sample names" in line
+    assert "--sample-column #1" in line
+    neither = tmp_path / "neither.csv"
+    neither.write_text("\n".join([text[0]] + ["x" + r for r in text[1:]]) + "\n")
+    line = cli_error(capsys, render_args(data, tmp_path, "--labels", neither, "--label-column", "outcome"))
+    assert "none holds the expression's sample names" in line
+
+
+def test_a_label_column_with_one_sample_per_class_is_refused(tmp_path, capsys, pdata_export):
+    data, labels = pdata_export
+    line = cli_error(capsys, ["train", data, "--labels", labels, "--sample-column", "#1", "--label-column", "#2",
+                              "--out", tmp_path / "m.pt"])
+    assert "gives each of the 8 samples a label of its own" in line and "--label-column" in line
+    assert not (tmp_path / "m.pt").exists()

@@ -221,3 +221,67 @@ def test_check_output_names_every_refusal(tmp_path, monkeypatch):
         check_output("in.csv", kind="file")
     assert check_output("new/deeper/out", kind="dir") == Path("new/deeper/out")
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# ------------------------------------------------- the manifest and claims (issue 17)
+@pytest.mark.parametrize("entry", ["ABSOLUTE", "../victim.txt", "sub/../../victim.txt"])
+def test_a_manifest_entry_outside_out_is_refused_and_nothing_is_deleted(tmp_path, entry):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's thesis")
+    out = tmp_path / "out"
+    write_output_dir(out, lambda tmp: (tmp / "a.csv").write_text("1"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    shown = str(victim) if entry == "ABSOLUTE" else entry
+    manifest["files"].append(shown)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(OmicsInputError, match=f"lists '{shown}', which is not a file inside"):
+        write_output_dir(out, lambda tmp: (tmp / "a.csv").write_text("2"), overwrite=True)
+    assert victim.read_text() == "the user's thesis" and (out / "a.csv").read_text() == "1"
+
+
+def test_a_manifest_entry_outside_out_in_the_cli(data, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's thesis")
+    out = tmp_path / "render"
+    args = ["render", *_inputs(data), "--method", "grid", "--out", str(out)]
+    assert main(args) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"].append(str(victim))
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    _refused(capsys, args + ["--overwrite"], "victim.txt', which is not a file inside")
+    assert victim.read_text() == "the user's thesis"
+
+
+def test_an_unreadable_manifest_is_called_unreadable(tmp_path):
+    out = tmp_path / "out"
+    write_output_dir(out, lambda tmp: (tmp / "images.npy").write_text("1"))
+    (out / MANIFEST).write_text('{"files": ["images.npy"')  # cut short
+    with pytest.raises(OmicsInputError, match=f"{MANIFEST} is unreadable"):
+        write_output_dir(out, lambda tmp: (tmp / "images.npy").write_text("2"), overwrite=True)
+    with pytest.raises(OmicsInputError, match="is unreadable"):
+        write_output_file(out / "b.csv", lambda tmp: tmp.write_text("b"))
+    assert (out / "images.npy").read_text() == "1" and not (out / "b.csv").exists()
+
+
+def test_a_second_run_on_one_out_fails_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "new" / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from napari_omicsimage.outputs import check_output; "
+         f"check_output({str(out)!r}, kind='dir'); print('claimed', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        filled = []
+        with pytest.raises(OmicsInputError, match=rf"another run \(process {holder.pid}\) is writing to"):
+            write_output_dir(out, filled.append)
+        assert filled == [] and not out.exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    write_output_dir(out, lambda tmp: (tmp / "a.csv").write_text("1"))  # the dead run's claim is taken over
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]  # no claim left behind

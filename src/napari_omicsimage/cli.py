@@ -309,6 +309,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{_prog(command)}: interrupted", file=sys.stderr)
         return 130
+    finally:  # a command that stopped before writing gives back the --out it claimed
+        outputs = sys.modules.get("napari_omicsimage.outputs")
+        if outputs is not None:
+            outputs.release_claims()
 
 
 if __name__ == "__main__":  # pragma: no cover

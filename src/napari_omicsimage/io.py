@@ -87,15 +87,15 @@ def read_expression(
         raise OmicsInputError(f"{path}: no such file or folder. Check the path and try again.")
     kind = _file_kind(path)
     notes: list[str] = []
-    if labels is not None:
-        labels_frame, label_column = _read_labels(labels, sample_column, label_column, notes)
-    else:
-        labels_frame = None
+    labels_frame = None
     if kind in ("h5ad", "10x-h5"):
         adata = _read_hdf5(path, kind)
         note = "h5ad files store samples in rows" if kind == "h5ad" else "10x files store cells in rows"
     elif kind == "table":
         frame = _read_table(path, notes)
+        if labels is not None:  # before the orientation, which the label ids help decide
+            labels_frame, label_column = _read_labels(labels, sample_column, label_column, notes,
+                                                      frame.index.union(frame.columns))
         decision = _decide_orientation(frame, orientation, labels_frame)
         adata = _frame_to_anndata(frame, decision.genes_in_rows)
         note = decision.describe()
@@ -107,6 +107,8 @@ def read_expression(
     adata.obs_names = adata.obs_names.astype(str)
     adata.var_names = adata.var_names.astype(str)
     validate_matrix(adata)
+    if labels is not None and labels_frame is None:
+        labels_frame, label_column = _read_labels(labels, sample_column, label_column, notes, adata.obs_names)
     if labels_frame is not None:
         attach_labels(adata, labels_frame, label_column)
     elif label_column is not None:
@@ -584,8 +586,13 @@ def read_labels_table(path: str | Path, notes: list[str] | None = None) -> pd.Da
 
 
 def _read_labels(labels, sample_column: str | None, label_column: str | None = None,
-                 notes: list[str] | None = None) -> tuple[pd.DataFrame, str | None]:
-    """The labels table indexed by sample id, and the label column's name (``#N`` resolved)."""
+                 notes: list[str] | None = None, sample_names=None) -> tuple[pd.DataFrame, str | None]:
+    """The labels table indexed by sample id, and the label column's name (``#N`` resolved).
+
+    ``sample_names`` (the expression's sample names, or both axes of a table whose orientation is not yet
+    decided) picks the id column when several share its name, as in a Bioconductor ``pData`` export
+    (``sample,sample,outcome``: row names, then pData's own ``sample`` column).
+    """
     if isinstance(labels, pd.Series):
         frame = labels.to_frame()
     elif isinstance(labels, pd.DataFrame):
@@ -595,20 +602,20 @@ def _read_labels(labels, sample_column: str | None, label_column: str | None = N
         frame = read_labels_table(path, notes)
         what = f"labels file {path.name}"
         columns = list(frame.columns)
-        sample_at = _pick_column(columns, sample_column, "--sample-column", what)
-        sample_at = 0 if sample_at is None else sample_at
+        sample_at = _pick_id_column(frame, sample_column, what, sample_names, notes)
         label_at = _pick_column(columns, label_column, "--label-column", what)
         keep = [i for i in range(len(columns)) if i != sample_at]
-        repeated = pd.Index(columns).duplicated(keep=False)
-        if label_at is not None and repeated.any() and _POSITION.match(str(label_column).strip()):
+        if label_at is not None and _POSITION.match(str(label_column).strip()):
             keep = [label_at]  # chosen by position: only that column is joined, so names cannot clash
-        clash = [columns[i] for i in keep if repeated[i]] if len(keep) > 1 else []
-        if clash:  # the id column's name never reaches obs, so only the joined columns count
-            positions = [i for i, c in enumerate(columns) if c == clash[0]]
+        # the id column's name never reaches obs, so only the joined columns count
+        repeated = pd.Index([columns[i] for i in keep]).duplicated(keep=False)
+        clash = [columns[i] for i, twice in zip(keep, repeated) if twice]
+        if clash:
+            positions = [i for i in keep if columns[i] == clash[0]]
             raise OmicsInputError(_duplicate_column_message(what, clash[0], positions, "--label-column"))
         ids = frame.iloc[:, sample_at]
         frame = frame.iloc[:, keep].set_axis(ids.to_numpy())
-        frame.index.name = columns[sample_at]
+        frame.index.name = None  # the id column's name may also be a joined column's (pData's 'sample')
         if label_at is not None:
             label_column = columns[label_at]
     frame.index = frame.index.astype(str)
@@ -616,6 +623,31 @@ def _read_labels(labels, sample_column: str | None, label_column: str | None = N
     if dup:
         raise OmicsInputError(f"the labels table lists some samples twice, e.g. {dup}; keep one row per sample.")
     return frame, label_column
+
+
+def _pick_id_column(frame: pd.DataFrame, sample_column: str | None, what: str, sample_names,
+                    notes: list[str] | None) -> int:
+    """The sample-id column: ``--sample-column`` (name or ``#N``) or the first; of several columns sharing
+    that name, the one whose values are the expression's sample names (said in a note)."""
+    columns = list(frame.columns)
+    if sample_column is not None and _POSITION.match(str(sample_column).strip()):
+        return _pick_column(columns, sample_column, "--sample-column", what)
+    name = columns[0] if sample_column is None else str(sample_column)
+    candidates = [i for i, c in enumerate(columns) if c == name]
+    if len(candidates) <= 1:
+        return 0 if sample_column is None else _pick_column(columns, sample_column, "--sample-column", what)
+    where = " and ".join(f"#{i + 1}" for i in candidates)
+    known = set() if sample_names is None else {str(n) for n in sample_names}
+    matching = [i for i in candidates if known and frame.iloc[:, i].dropna().astype(str).isin(known).all()]
+    if len(matching) != 1:
+        verdict = "each holds" if matching else "none holds"
+        raise OmicsInputError(f"{what} has {len(candidates)} columns named {name!r} (columns {where}) and "
+                              f"{verdict} the expression's sample names; say which "
+                              f"holds the sample ids by position, e.g. --sample-column #{candidates[0] + 1}.")
+    if notes is not None:
+        notes.append(f"{what} has {len(candidates)} columns named {name!r} ({where}): sample ids read from "
+                     f"#{matching[0] + 1}, whose values are the expression's sample names")
+    return matching[0]
 
 
 def attach_labels(adata: ad.AnnData, labels: pd.DataFrame, label_column: str | None) -> None:
@@ -664,6 +696,12 @@ def check_labels(adata: ad.AnnData, label_column: str) -> None:
         )
     adata.obs[label_column] = values.astype(str).astype("category")
     n_classes = adata.obs[label_column].nunique()
+    if n_classes == adata.n_obs:
+        raise OmicsInputError(
+            f"label column {label_column!r} gives each of the {adata.n_obs} samples a label of its own (e.g. "
+            f"{list(values.astype(str).iloc[:3])}), so every class would have one sample: it looks like a "
+            "sample id, not classes. Choose the column that holds the classes (--label-column)."
+        )
     if n_classes < 2:
         raise OmicsInputError(
             f"label column {label_column!r} holds a single class ({values.iloc[0]!r}); "

@@ -19,6 +19,8 @@ rules holds everywhere:
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -35,15 +37,33 @@ _TMP_PREFIX = ".omicsimage-tmp-"
 
 # ================================================================== manifest
 def read_manifest(folder: Path) -> set[str]:
-    """Relative paths (POSIX) of the files napari-omicsimage wrote in ``folder``."""
-    path = Path(folder) / MANIFEST
+    """Relative paths (POSIX) of the files napari-omicsimage wrote in ``folder``.
+
+    A manifest that cannot be read, or that lists anything but a file inside ``folder`` (an absolute path,
+    ``..``, a link leading out), is refused: it could make ``--overwrite`` replace or delete the wrong files.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
     if not path.is_file():
         return set()
     try:
-        data = json.loads(path.read_text())
-        return {str(f) for f in data.get("files", [])}
-    except (OSError, ValueError, AttributeError):
-        return set()  # an unreadable manifest vouches for nothing
+        files = json.loads(path.read_text()).get("files", [])
+        if not isinstance(files, list):
+            raise ValueError(f"'files' is {type(files).__name__}, not a list")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise OmicsInputError(f"{path} is unreadable ({exc}); it should list the files napari-omicsimage wrote "
+                              f"in {folder}. Move the files you want to keep elsewhere, or choose another "
+                              "--out.") from None
+    inside = folder.resolve()
+    for entry in files:
+        name = str(entry)
+        bad = (not isinstance(entry, str) or not name or Path(name).is_absolute()
+               or ".." in Path(name).parts or inside not in (folder / name).resolve().parents)
+        if bad:
+            raise OmicsInputError(f"{path} lists {entry!r}, which is not a file inside {folder}; napari-omicsimage "
+                                  "never writes such an entry and will not replace or delete it. Remove that "
+                                  "entry from the manifest, or choose another --out.")
+    return set(files)
 
 
 def _write_manifest(folder: Path, files: Iterable[str]) -> None:
@@ -69,6 +89,86 @@ def _is_own_checkpoint(path: Path) -> bool:
     from .checkpoint import is_checkpoint_file
 
     return is_checkpoint_file(path)
+
+
+# ===================================================================== claims
+_CLAIMS: set[Path] = set()  # claim files this process holds
+
+
+def _claim_name(target: Path) -> str:
+    return f"{_TMP_PREFIX}claim.{hashlib.sha1(str(target).encode()).hexdigest()[:16]}"
+
+
+def _claims_of(target: Path) -> list[Path]:
+    """Where a claim on ``target`` may lie: the nearest existing folder above it holds it, and a run that
+    created folders since looks in every folder above."""
+    return [folder / _claim_name(target) for folder in target.parents if folder.is_dir()]
+
+
+def _holder(claim: Path) -> int | None:
+    """The process id written in a claim file, or ``None`` when the file is gone or its process is dead."""
+    try:
+        pid = int(claim.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # alive, owned by someone else
+        pass
+    return pid
+
+
+def _refuse_if_held(claim: Path, out) -> None:
+    pid = _holder(claim)
+    if pid is not None and pid != os.getpid():
+        raise OmicsInputError(f"another run (process {pid}) is writing to {out}; wait for it to finish, "
+                              "or choose another --out.")
+
+
+def claim_output(out) -> None:
+    """Claim ``out`` for this process, atomically, so that a second run on the same ``--out`` fails at once.
+
+    The claim is a file (``.omicsimage-tmp-claim.HASH``, created with ``O_EXCL``) in the nearest existing
+    folder above ``out``, holding the process id; it is given back when the result is in place (or the process
+    ends). A claim whose process has ended is taken over. Nothing else is created.
+    """
+    target = _resolved(out)
+    places = _claims_of(target)
+    if any(claim in _CLAIMS for claim in places):
+        return
+    for claim in places:
+        _refuse_if_held(claim, out)
+    claim = places[0]
+    for _ in range(3):
+        try:
+            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _refuse_if_held(claim, out)
+            claim.unlink(missing_ok=True)  # left by a run that ended without giving it back
+            continue
+        with os.fdopen(handle, "w") as stream:
+            stream.write(str(os.getpid()))
+        if not _CLAIMS:
+            atexit.register(release_claims)
+        _CLAIMS.add(claim)
+        return
+    raise OmicsInputError(f"could not claim {out} (runs keep starting on it); choose another --out.")
+
+
+def release_output(out) -> None:
+    """Give back the claim :func:`claim_output` made (nothing when this process holds none)."""
+    for claim in _claims_of(_resolved(out)):
+        if claim in _CLAIMS:
+            _CLAIMS.discard(claim)
+            claim.unlink(missing_ok=True)
+
+
+def release_claims() -> None:
+    for claim in list(_CLAIMS):
+        _CLAIMS.discard(claim)
+        claim.unlink(missing_ok=True)
 
 
 # ===================================================================== checks
@@ -131,6 +231,7 @@ def check_output(out, *, kind: str, inputs: Iterable = (), overwrite: bool = Fal
                 raise OmicsInputError(f"{out} holds files that napari-omicsimage did not write (it has no "
                                       f"{MANIFEST}); refusing to touch them even with --overwrite. Choose a new "
                                       "or empty folder.")
+            read_manifest(target)  # an unreadable or unsafe manifest is refused before any work
             _probe_writable(target, out)
         else:
             if target.is_dir():
@@ -147,6 +248,9 @@ def check_output(out, *, kind: str, inputs: Iterable = (), overwrite: bool = Fal
         if not parent.is_dir():
             raise OmicsInputError(f"--out {out}: {parent} is a file, so no folder can be made there.")
         _probe_writable(parent, out)
+    if kind == "file" and target.parent.is_dir():
+        read_manifest(target.parent)  # it gets this file added at the end
+    claim_output(out)
     return out
 
 
@@ -159,18 +263,21 @@ def write_output_file(out, fill: Callable[[Path], None], *, overwrite: bool = Fa
     replace it.
     """
     out = check_output(out, kind="file", inputs=inputs, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{out.name}.", dir=out.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
     try:
-        fill(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are ordinary files
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _write_manifest(out.parent, read_manifest(out.parent) | {out.name})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{out.name}.", dir=out.parent)
+        os.close(handle)
+        tmp = Path(tmp_name)
+        try:
+            fill(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; results are ordinary files
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _write_manifest(out.parent, read_manifest(out.parent) | {out.name})
+    finally:
+        release_output(out)
     return out
 
 
@@ -189,6 +296,14 @@ def write_output_dir(out, fill: Callable[[Path], None], *, overwrite: bool = Fal
     touched, and a run that would replace one is refused before anything moves.
     """
     out = check_output(out, kind="dir", inputs=inputs, overwrite=overwrite)
+    try:
+        _fill_output_dir(out, fill)
+    finally:
+        release_output(out)
+    return out
+
+
+def _fill_output_dir(out: Path, fill: Callable[[Path], None]) -> None:
     existed = out.exists()
     if existed:
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
@@ -204,7 +319,7 @@ def write_output_dir(out, fill: Callable[[Path], None], *, overwrite: bool = Fal
         if not existed:
             _write_manifest(tmp, new_files)
             os.replace(tmp, out)
-            return out
+            return
         previous = read_manifest(out)
         clashes = [f for f in new_files if (out / f).exists() and f not in previous]
         if clashes:
@@ -214,14 +329,13 @@ def write_output_dir(out, fill: Callable[[Path], None], *, overwrite: bool = Fal
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / name, out / name)
         for name in sorted(previous - set(new_files)):
-            stale = out / name
+            stale = out / name  # read_manifest vouches that it lies inside out
             if stale.is_file():
                 stale.unlink()
         _write_manifest(out, new_files)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
-    return out
 
 
 class NpyRows:

@@ -103,7 +103,8 @@ def open_cells(path: str | Path, *, label_column: str | None = None, labels=None
     if labels is not None:
         from ..io import _read_labels, attach_labels
 
-        frame, label_column = _read_labels(labels, sample_column, label_column)
+        notes = adata.uns["omicsimage"].setdefault("reading", [])
+        frame, label_column = _read_labels(labels, sample_column, label_column, notes, adata.obs_names)
         attach_labels(adata, frame, label_column)
     elif label_column is not None:
         check_labels(adata, label_column)
