@@ -33,7 +33,7 @@ def test_fit_and_predict_shows_gene_maps_with_top_genes_on_hover(widget, qtbot, 
     names = [layer.name for layer in viewer.layers]
     gene = w.gene_combo.currentText()
     assert {"slide S2", "slide S2 (measured)", f"predicted {gene}", f"measured {gene}"} <= set(names)
-    assert any(name.startswith("Shannon selection") for name in names)
+    assert any(name.startswith("Shannon: ") for name in names)
     predicted = viewer.layers[f"predicted {gene}"]
     assert predicted.size[0] == pytest.approx(w.section.spot_diameter_px)
     # the measured copy sits right of the slide
@@ -44,6 +44,28 @@ def test_fit_and_predict_shows_gene_maps_with_top_genes_on_hover(widget, qtbot, 
     viewer.cursor.position = tuple(predicted.data_to_world(predicted.data[5]))
     viewer.update_status_from_cursor()
     assert "pred" in viewer.tooltip.text and "meas" in viewer.tooltip.text
+    # the measured copy answers hover too
+    measured = viewer.layers[f"measured {gene}"]
+    viewer.layers.selection.active = measured
+    viewer.cursor.position = tuple(measured.data_to_world(measured.data[5]))
+    viewer.update_status_from_cursor()
+    assert f"measured {gene}" in viewer.tooltip.text and "pred / meas" in viewer.tooltip.text
+    # each copy labelled on the canvas, each with its colour bar and its own colour range
+    labels = viewer.layers["copy labels"]
+    assert list(labels.features["label"]) == [f"predicted {gene}", f"measured {gene}"]
+    assert predicted.face_colorbar.visible and measured.face_colorbar.visible
+    values = np.maximum(np.asarray(w.predictions[:, gene].X, dtype=float).ravel(), 0)
+    assert predicted.face_contrast_limits[1] <= values.max() + 1e-9
+    assert tuple(predicted.face_contrast_limits) != tuple(measured.face_contrast_limits)
+    w.shared_scale.setChecked(True)
+    predicted, measured = viewer.layers[f"predicted {gene}"], viewer.layers[f"measured {gene}"]
+    assert tuple(predicted.face_contrast_limits) == tuple(measured.face_contrast_limits)
+    # the mask's name tells what the summary tells
+    mask = next(layer for layer in viewer.layers if layer.name.startswith("Shannon"))
+    import re
+
+    n_kept, n_dropped = map(int, re.match(r"Shannon: (\d+) kept \(green\), (\d+) dropped", mask.name).groups())
+    assert n_kept + n_dropped == 64 and f"kept {n_kept} of 64" in w.summary.text()
     other = w.predictions.var_names[-1]
     w.gene_combo.setCurrentText(other)
     assert f"predicted {other}" in [layer.name for layer in viewer.layers]

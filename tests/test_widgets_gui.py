@@ -267,6 +267,7 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     loader = LoadModelWidget(viewer)
     viewer.window.add_dock_widget(loader, name="Load model")
     assert loader.load(tmp_path / "model.pt") and loader.predict()
+    wait(qtbot, loader.task)
     assert len(loader.table_frame) == 60 and "agreement with 'cell_type'" in loader.prediction_summary.text()
     assert set(table_column(loader.table, "correct")) <= {"yes", "no"}
 
@@ -280,7 +281,10 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     # the gene-attribution layer: summed signed attribution per pixel, symmetric about 0
     attribution = session.layer("attribution")
     assert attribution.visible and attribution.data.shape == (60, 8, 8)
-    assert list(attribution.contrast_limits) == [-1.0, 1.0] and float(np.abs(attribution.data).max()) == 1.0
+    low, high = attribution.contrast_limits
+    assert low == -high and 0 < high < 1.0 and float(np.abs(attribution.data).max()) == 1.0
+    assert attribution.colorbar.visible  # napari's colour bar, with the colours explained in the caption
+    assert "red: pushes towards its predicted class, blue: against" in text_overlay(viewer).text
     view = session.imageset.saliency
     i = session.current_sample()
     np.testing.assert_allclose(attribution.data[i] * np.abs(session.imageset.attribution_image(
@@ -300,6 +304,17 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     saliency.target_combo.setCurrentText(target)
     assert session.layer("saliency").data.shape == (8, 8) and session.layer("attribution").data.shape == (8, 8)
     assert saliency.table_frame["shown"].iloc[0] == f"mean of class {target}"
+    # the class map lies over the class's mean image (its mosaic tile), with a class caption
+    imageset = session.imageset
+    top_left = imageset.mosaic.origin(imageset.classes.index(target))
+    for role in ("attribution", "saliency"):
+        np.testing.assert_allclose(session.layer(role).data_to_world((0, 0)),
+                                   session.layer("class-means").data_to_world(top_left))
+    assert f"class map {target}" in text_overlay(viewer).text
+    assert f"red: pushes towards {target}, blue: against" in text_overlay(viewer).text
+    world = session.layer("attribution").data_to_world((top["row"], top["col"]))
+    assert session.report_under((0, *world)).context == f"mean of class {target}"
+    assert session.report_under((0, top["row"], top["col"])).context.startswith("sample ")
     members = view.class_members[target]
     np.testing.assert_allclose(saliency.table_frame.set_index("gene").loc[list(trained.genes), "attribution"],
                                view.attribution.values[members].mean(axis=0), rtol=1e-5, atol=1e-7)
@@ -308,3 +323,91 @@ def test_train_evaluate_save_load_predict_and_saliency(make_napari_viewer, qtbot
     regions.add_rectangles(np.array([[-0.5, -0.5], [7.5, 7.5]]))
     ranked = annotate.table_frame["attribution"].abs().to_numpy()
     assert len(ranked) == 64 and np.all(np.diff(ranked) <= 1e-9)
+
+
+def test_hover_names_the_genes_under_the_cursor_whichever_layer_is_selected(make_napari_viewer, qtbot, h5ad_path,
+                                                                           tmp_path):
+    viewer, data, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    inspector = GeneInspectorWidget(viewer)
+    annotate = AnnotateWidget(viewer)
+    viewer.window.add_dock_widget(inspector, name="Gene inspector")
+    viewer.window.add_dock_widget(annotate, name="Annotate")
+    session = get_session(viewer)
+    regions = annotate.new_shapes_layer()
+    assert viewer.layers.selection.active is regions
+    mosaic = session.layer("class-means")
+    top, left = session.imageset.mosaic.origin(session.imageset.classes.index("B"))
+    row, col = divmod(5, 8)  # G05
+    on_tile = mosaic.data_to_world((top + row, left + col))
+    viewer.mouse_over_canvas = True
+    viewer.dims.set_current_step(0, 2)
+    for active in (regions, session.layer("images"), mosaic, session.layer("class-names")):
+        viewer.layers.selection.active = active
+        viewer.cursor.position = (2, *on_tile)
+        viewer.update_status_from_cursor()
+        assert "G05" in viewer.status["coordinates"] and "mean of class B" in viewer.status["coordinates"], active
+        assert "G05" in viewer.tooltip.text and inspector.report.context == "mean of class B"
+        viewer.cursor.position = (2, row, col)
+        viewer.update_status_from_cursor()
+        assert "G05" in viewer.status["coordinates"] and "sample cell02 (A)" in viewer.status["coordinates"], active
+        assert inspector.report.context == "sample cell02 (A)"
+    # the exported region table says whose values it holds
+    regions.add_rectangles(np.array([[-0.5, -0.5], [0.5, 7.5]]))
+    exported = pd.read_csv(annotate.export_csv(tmp_path / "genes.csv"))
+    assert set(exported["values of"]) == {"sample cell02 (A)"} and set(exported["gene"]) == set(GENES[:8])
+    # new data: regions drawn on the old layout go, with their armed drawing tool
+    assert data.load_path(h5ad_path)
+    wait(qtbot, data.task)
+    assert regions not in viewer.layers and not annotate.region_layers()
+
+
+def test_widgets_opened_one_by_one_from_the_plugins_menu_share_tabs(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    docks = []
+    for name in ("1 Data", "2 Imagify", "5 Saliency", "Gene inspector"):
+        dock, _ = viewer.window.add_plugin_dock_widget("napari-omicsimage", name)  # what the Plugins menu calls
+        docks.append(dock)
+        qtbot.wait(50)
+    data, imagify, saliency, inspector = docks
+    qtbot.waitUntil(lambda: {imagify, saliency} <= set(window.tabifiedDockWidgets(data)), timeout=5000)
+    assert inspector not in window.tabifiedDockWidgets(data)  # the inspector stays beside the tabs
+    assert data.width() < 0.45 * window.width()
+
+
+def test_model_views_are_computed_off_the_main_thread(make_napari_viewer, qtbot, h5ad_path, tmp_path, monkeypatch):
+    """Preprocessing, rendering and predicting after training and for a loaded model run in the worker."""
+    import threading
+
+    from napari_omicsimage._widgets.load_model import LoadModelWidget
+    from napari_omicsimage._widgets.train import TrainWidget
+    from napari_omicsimage.training import TrainedModel
+
+    calls = []
+    for name in ("prepare", "predict"):
+        def record(self, *args, _original=getattr(TrainedModel, name), _name=name, **kwargs):
+            calls.append((_name, threading.current_thread()))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(TrainedModel, name, record)
+    viewer, _, _ = imagified_viewer(make_napari_viewer, qtbot, h5ad_path)
+    session = get_session(viewer)
+    train = TrainWidget(viewer)
+    loader = LoadModelWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train")
+    viewer.window.add_dock_widget(loader, name="Load model")
+    train.folds_spin.setValue(0)
+    train.epochs_spin.setValue(1)
+    train.batch_spin.setValue(8)
+    train.run()
+    wait(qtbot, train.task, timeout=120_000)
+    assert session.trained is train.result[0] and session.imageset.predictions is not None
+    after_training = {name for name, _ in calls}
+    assert after_training >= {"prepare", "predict"}
+    assert loader.load(train.save(tmp_path / "model.pt")) and loader.predict()
+    assert loader.task.running and not loader.progress.isHidden()
+    wait(qtbot, loader.task)
+    assert session.trained is loader.loaded and len(loader.table_frame) == 60
+    assert loader.status.text() == "predicted 60 samples"
+    assert len(calls) >= 4
+    main = threading.main_thread()
+    assert [name for name, thread in calls if thread is main] == []

@@ -443,6 +443,17 @@ class ImageSet:
         table.insert(0, "shown", context)
         return table
 
+    def region_table(self, masks: dict, sample: int | None = None) -> pd.DataFrame:
+        """Genes inside each region mask, with the values shown now; the ``values of`` column says whose
+        (``sample X (label)`` or ``mean of class Y``), so an exported table tells the two apart."""
+        from ._regions import region_gene_table
+
+        saliency, expression, context = self.context(sample)
+        table = region_gene_table(self.pixel_map, masks, saliency=saliency, expression=expression,
+                                  attribution=self.attribution_context(sample), channel_names=self.channel_names)
+        table.insert(0, "values of", context)
+        return table
+
     # --------------------------------------------------------------- hover
     def report(self, role: str, row: float, col: float, sample: int | None = None) -> PixelReport | None:
         """Genes at a pixel of the layer with ``role``; ``None`` off the image or without a gene map.

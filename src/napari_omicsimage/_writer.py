@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._regions import Regions, region_gene_table, region_names, save_regions
+from ._regions import Regions, region_names, save_regions
 from .errors import OmicsInputError
 
 META_KEY = "omicsimage"
@@ -74,9 +74,7 @@ def _region_genes(regions: Regions, meta: dict) -> pd.DataFrame:
         raise OmicsInputError(
             "this layer is not drawn over omicsimage images with a gene map, so its regions hold no genes; "
             "draw regions with the Annotate widget over imagified data.")
-    saliency, expression, _ = imageset.context()
-    return region_gene_table(imageset.pixel_map, regions.masks(), saliency=saliency, expression=expression,
-                             attribution=imageset.attribution_context(), channel_names=imageset.channel_names)
+    return imageset.region_table(regions.masks())
 
 
 def write_shapes_genes(path: str, data, meta: dict) -> list[str]:

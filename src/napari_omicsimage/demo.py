@@ -280,6 +280,26 @@ def demo_window_size() -> tuple[int, int]:
     return width, height
 
 
+#: the cell type the demo opens on (the README's screenshots show a held-out monocyte)
+OPENING_CLASS = "CD14+ Monocyte"
+
+
+def opening_sample(result: DemoResult) -> int:
+    """The first held-out cell of :data:`OPENING_CLASS` predicted correctly (else the first held-out cell):
+    what the model never saw, explained for the class it really is."""
+    imageset = result.imageset
+    held_out = np.asarray(result.held_out)
+    if len(held_out) == 0:
+        return 0
+    predicted = imageset.predictions.reindex(imageset.samples)["predicted"].astype(str).to_numpy()
+    labels = np.asarray(imageset.labels).astype(str)
+    for i in held_out:
+        if labels[i] == OPENING_CLASS and predicted[i] == OPENING_CLASS:
+            return int(i)
+    same_class = [int(i) for i in held_out if labels[i] == OPENING_CLASS]
+    return same_class[0] if same_class else int(held_out[0])
+
+
 def _wrap(name: str, width: int = 18) -> str:
     if len(name) <= width or "/" not in name:
         return name
@@ -318,6 +338,7 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
     docks["5 Saliency"][0].raise_()
     _share_dock_height(viewer, docks["5 Saliency"][0], docks["Gene inspector"][0], 0.62)
     viewer.layers.selection.active = session.layer("images")
+    session.go_to_sample(opening_sample(result))
     from qtpy.QtWidgets import QApplication
 
     QApplication.processEvents()  # let the canvas take its size in the resized window, then fit the view to it

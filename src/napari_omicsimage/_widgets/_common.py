@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -65,47 +66,156 @@ def group(title: str, *widgets_or_layouts) -> QGroupBox:
     return box
 
 
-class _VerticalScrollArea(QScrollArea):
-    """Scrolls vertically only, and asks for the full width of its content."""
+#: widest a widget asks its dock to be; wider content scrolls sideways instead of pushing the dock wider
+DOCK_WIDTH = 460
+#: narrowest a widget lets its dock become
+DOCK_MIN_WIDTH = 280
+
+
+class _DockScrollArea(QScrollArea):
+    """Scrolls vertically, and sideways where the content cannot shrink to the dock's width.
+
+    It asks for at most :data:`DOCK_WIDTH` pixels, so long texts (paths, errors) neither widen the dock
+    past the screen nor, scrolled out of a too-narrow view, lose their left edge.
+    """
 
     def __init__(self):
         super().__init__()
-        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
 
     def _extra_width(self) -> int:
         return self.verticalScrollBar().sizeHint().width() + 2
 
     def sizeHint(self) -> QSize:
         hint = self.widget().sizeHint()
-        return QSize(hint.width() + self._extra_width(), min(hint.height(), 700))
+        return QSize(min(hint.width() + self._extra_width(), DOCK_WIDTH), min(hint.height(), 700))
 
     def minimumSizeHint(self) -> QSize:
-        return QSize(self.widget().minimumSizeHint().width() + self._extra_width(), 120)
+        width = self.widget().minimumSizeHint().width() + self._extra_width()
+        return QSize(min(width, DOCK_MIN_WIDTH), 120)
 
 
 def scroll_layout(widget: QWidget) -> QVBoxLayout:
-    """A vertical layout inside a scroll area filling ``widget``.
+    """A vertical layout inside a scroll area filling ``widget``; the widget tabs itself with its siblings.
 
     napari stacks dock widgets; without scrolling, a tall widget (the Train
     widget with its figures) sets a minimum height that squeezes its
-    neighbours, such as the gene inspector, to nothing.
+    neighbours, such as the gene inspector, to nothing.  Every omicsimage dock
+    made this way joins the tabs of those already docked in its area
+    (:func:`tab_with_siblings`), also when opened one by one from the Plugins menu.
     """
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
-    area = _VerticalScrollArea()
+    area = _DockScrollArea()
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.Shape.NoFrame)
     inner = QWidget()
     area.setWidget(inner)
     outer.addWidget(area)
+    tab_with_siblings(widget)
     return QVBoxLayout(inner)
 
 
+#: widgets that stay in a dock of their own (beside the tabs, not in them)
+UNTABBED = ("GeneInspectorWidget",)
+
+
+def _dock_of(widget: QWidget):
+    from qtpy.QtWidgets import QDockWidget
+
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def _is_omicsimage_dock(dock) -> bool:
+    inner = dock.widget()
+    found = [inner, *inner.findChildren(QWidget)] if inner is not None else []
+    return any(type(w).__module__.startswith("napari_omicsimage") and type(w).__name__ not in UNTABBED
+               and type(w).__name__.endswith("Widget") for w in found[:50])
+
+
+def tab_into_siblings(dock) -> bool:
+    """Tab ``dock`` with the omicsimage docks already in its area of the main window; True if it joined them."""
+    from qtpy.QtWidgets import QDockWidget, QMainWindow
+
+    window = dock.parentWidget()
+    if not isinstance(window, QMainWindow) or dock.isFloating():
+        return False
+    area = window.dockWidgetArea(dock)
+    siblings = [other for other in window.findChildren(QDockWidget)
+                if other is not dock and not other.isFloating() and other.isVisible()
+                and window.dockWidgetArea(other) == area and _is_omicsimage_dock(other)]
+    if not siblings or any(other in window.tabifiedDockWidgets(dock) for other in siblings):
+        return False
+    window.tabifyDockWidget(siblings[0], dock)
+    dock.show()
+    dock.raise_()
+    return True
+
+
+class _TabWhenDocked(QObject):
+    """On the widget's first show inside a dock: join the omicsimage tabs of that dock area."""
+
+    def eventFilter(self, watched, event) -> bool:
+        from qtpy.QtCore import QEvent
+
+        if event.type() == QEvent.Type.Show:
+            watched.removeEventFilter(self)
+            dock = _dock_of(watched)
+            if dock is not None:
+                tab_into_siblings(dock)
+        return False
+
+
+def tab_with_siblings(widget: QWidget) -> None:
+    if type(widget).__name__ in UNTABBED:
+        return
+    tabber = _TabWhenDocked(widget)
+    widget.installEventFilter(tabber)
+
+
 def wrapped_label(text: str = "") -> QLabel:
+    """A label that wraps and never widens its dock: a long word (a path) is cut at the right, not the left."""
     label = QLabel(text)
     label.setWordWrap(True)
     label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    policy = label.sizePolicy()
+    policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
+    label.setSizePolicy(policy)
+    label.setMinimumWidth(60)
     return label
+
+
+class ElidedLabel(QLabel):
+    """One line, shortened in the middle to the width it has; the full text is its tooltip."""
+
+    def __init__(self, text: str = ""):
+        super().__init__()
+        self._full = ""
+        policy = self.sizePolicy()
+        policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
+        self.setSizePolicy(policy)
+        self.setMinimumWidth(60)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt's name
+        self._full = str(text)
+        self.setToolTip(self._full)
+        self._elide()
+
+    def text(self) -> str:
+        return self._full
+
+    def _elide(self) -> None:
+        width = max(self.width(), 60)
+        shown = self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideMiddle, width)
+        super().setText(shown)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._elide()
 
 
 def make_table(columns: list[str]) -> QTableWidget:

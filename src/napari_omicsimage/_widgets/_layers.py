@@ -284,52 +284,97 @@ def pixel_labels(imageset: ImageSet, max_names: int = 12) -> tuple[np.ndarray, p
     return labels, features
 
 
+def class_tile_transform(imageset: ImageSet, name: str) -> dict:
+    """``scale`` and ``translate`` putting an ``(H, W)`` map on class ``name``'s tile of the class-mean mosaic.
+
+    A class's mean map belongs over the class's mean image, not over whichever sample the slider shows.
+    Without a mosaic (no labels) the map stays over the sample image.
+    """
+    if imageset.mosaic is None or imageset.class_images is None or name not in imageset.classes:
+        return {}
+    scale, translate = mosaic_transform(imageset)
+    top, left = imageset.mosaic.origin(imageset.classes.index(name))
+    return {"scale": scale, "translate": (translate[0] + top * scale[0], translate[1] + left * scale[1])}
+
+
 def saliency_layer(imageset: ImageSet) -> tuple:
-    """The saliency map over the sample image: per sample (follows the slider) or a class mean."""
+    """The saliency map over the sample image (per sample, follows the slider) or over a class's mean tile."""
     view = imageset.saliency
+    placement = {}
     if view.target_class is None:
         # the paper's M: maximum over channels, here of each sample's map relative to its maximum
         data = np.stack([relative(s).max(axis=0) for s in view.per_sample])
         name = f"saliency ({view.method})"
     else:
         data = relative(view.per_class[view.target_class]).max(axis=0)
-        name = f"saliency ({view.method}, class {view.target_class})"
+        name = f"saliency, class {view.target_class}"
+        placement = class_tile_transform(imageset, view.target_class)
     return (data.astype(np.float32), {
         "name": name, "colormap": SALIENCY_COLORMAP, "blending": "additive", "opacity": 0.9,
-        "contrast_limits": [SALIENCY_FLOOR, 1.0], "metadata": _meta("saliency", imageset)}, "image")
+        "contrast_limits": [SALIENCY_FLOOR, 1.0], "metadata": _meta("saliency", imageset), **placement}, "image")
 
 
 def attribution_colormap():
-    """Diverging, centred on 0 and transparent there, so the expression image shows through neutral pixels."""
+    """Diverging, centred on 0 and transparent there, so the expression image shows through neutral pixels.
+
+    Both ends are bright and nearly opaque from a third of the range on: a dim blue on a dark image
+    could not be seen.
+    """
     from napari.utils.colormaps import Colormap
 
-    colours = np.array([[0.13, 0.40, 0.95, 1.0], [0.55, 0.70, 1.0, 0.75], [0.0, 0.0, 0.0, 0.0],
-                        [1.0, 0.62, 0.45, 0.75], [0.92, 0.16, 0.10, 1.0]])
-    return Colormap(colours, controls=[0.0, 0.3, 0.5, 0.7, 1.0], name=ATTRIBUTION_COLORMAP_NAME)
+    colours = np.array([[0.25, 0.62, 1.0, 1.0], [0.35, 0.70, 1.0, 0.9], [0.0, 0.0, 0.0, 0.0],
+                        [1.0, 0.45, 0.30, 0.9], [1.0, 0.15, 0.10, 1.0]])
+    return Colormap(colours, controls=[0.0, 0.35, 0.5, 0.65, 1.0], name=ATTRIBUTION_COLORMAP_NAME)
+
+
+#: attribution contrast: ± this percentile of |attribution| over the pixels holding genes, so that the
+#: many small values of both signs show instead of only the few largest (the maximum would set the scale)
+ATTRIBUTION_PERCENTILE = 95.0
+
+
+def attribution_limit(data: np.ndarray) -> float:
+    """Symmetric contrast limit of attribution maps scaled to [-1, 1]: a high percentile of the magnitudes."""
+    magnitude = np.abs(np.asarray(data, dtype=np.float32))
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.size == 0:
+        return 1.0
+    return float(np.clip(np.percentile(nonzero, ATTRIBUTION_PERCENTILE), 1e-3, 1.0))
 
 
 def attribution_layer(imageset: ImageSet) -> tuple:
-    """Each pixel's summed signed gene attribution: per sample (follows the slider) or a class mean.
+    """Each pixel's summed signed gene attribution: per sample (follows the slider) or over a class's mean tile.
 
-    Each map is divided by its largest magnitude, so contrast limits [-1, 1]
-    put 0 at the centre of the diverging colormap.
+    Each map is divided by its largest magnitude; the contrast limits are symmetric about 0
+    (:func:`attribution_limit`), so 0 sits at the transparent centre of the diverging colormap.
     """
     view = imageset.saliency
+    placement = {}
     if view.target_class is None:
         values = view.attribution.values
         data = np.stack([_symmetric(imageset.attribution_image(v)) for v in values])
-        name = f"gene attribution ({view.gene_method})"
+        name = f"attribution ({view.gene_method})"
     else:
         data = _symmetric(imageset.attribution_image(view.per_class_attribution[view.target_class]))
-        name = f"gene attribution ({view.gene_method}, class {view.target_class})"
+        name = f"attribution, class {view.target_class}"
+        placement = class_tile_transform(imageset, view.target_class)
+    limit = attribution_limit(data)
     return (data.astype(np.float32), {
         "name": name, "colormap": attribution_colormap(), "blending": "translucent", "opacity": 1.0,
-        "contrast_limits": [-1.0, 1.0], "metadata": _meta("attribution", imageset)}, "image")
+        "contrast_limits": [-limit, limit], "metadata": _meta("attribution", imageset), **placement}, "image")
 
 
 def _symmetric(image: np.ndarray) -> np.ndarray:
     top = float(np.abs(image).max()) if image.size else 0.0
     return image / top if top > 0 else np.zeros_like(image)
+
+
+def attribution_legend(imageset: ImageSet) -> str:
+    """What the attribution colours mean, for the canvas (the colour bar has no title)."""
+    view = imageset.saliency
+    if view is None or view.attribution is None:
+        return ""
+    towards = view.target_class if view.target_class is not None else "its predicted class"
+    return f"red: pushes towards {towards}, blue: against"
 
 
 def selected_gene_layer(imageset: ImageSet, gene: str) -> tuple:

@@ -20,7 +20,7 @@ import pandas as pd
 from psygnal import Signal
 
 from .._hover import ImageSet, PixelReport, SaliencyView
-from .._regions import Regions, region_gene_table, region_names
+from .._regions import Regions, region_names
 from ..errors import OmicsInputError
 from ..preprocess import PreprocessConfig
 from . import _layers as L
@@ -115,7 +115,14 @@ class OmicsSession:
         self.imagified = None
         self.trained = None
         self.training_result = None
+        self.remove_stale_regions()
         self.data_changed.emit()
+
+    def remove_stale_regions(self) -> None:
+        """New data: drawn or painted regions belong to the old layout; remove them (and their armed tool)."""
+        viewer = self._viewer()
+        if viewer is not None:
+            self._remove_layers(lambda layer: L.role_of(layer) == "regions")
 
     def set_label_column(self, label_column: str | None) -> None:
         if label_column is not None:
@@ -245,9 +252,19 @@ class OmicsSession:
             viewer.dims.set_current_step(0, int(index))
 
     def caption(self) -> str:
-        if self.imageset is None:
+        """The canvas caption: the slider's sample, the class whose map is shown, what the colours mean."""
+        imageset = self.imageset
+        if imageset is None:
             return ""
-        return self.imageset.sample_caption(self.current_sample())
+        lines = [imageset.sample_caption(self.current_sample())]
+        view = imageset.saliency
+        if view is not None and view.target_class is not None:
+            n = len(view.class_members.get(view.target_class, []))
+            where = "on its mean image below" if imageset.mosaic is not None else "over the image"
+            lines.append(f"class map {view.target_class}: mean of {n} sample(s), {where}")
+        if view is not None and self.layer("attribution") is not None and self.layer("attribution").visible:
+            lines.append(L.attribution_legend(imageset))
+        return "\n".join(lines)
 
     def _update_caption(self) -> None:
         viewer = self._viewer()
@@ -262,41 +279,30 @@ class OmicsSession:
         self.sample_changed.emit(self.current_sample())
 
     # ---------------------------------------------------------------- model
-    def set_trained(self, trained, training_result=None, predictions: pd.DataFrame | None = None) -> None:
+    def set_trained(self, trained, training_result=None, predictions: pd.DataFrame | None = None,
+                    prepared: tuple | None = None) -> None:
         """A trained or loaded model: show the images *it* sees, and its predictions.
 
         The model comes with its own preprocessing and fitted layout, which may
         differ from the imagified view (training fits them again), so the images
         are re-rendered through the model to keep saliency aligned with them.
         ``predictions`` (indexed by sample) replace the model's own, e.g. the
-        out-of-fold predictions of cross-validation.
+        out-of-fold predictions of cross-validation.  ``prepared``: ``(imageset,
+        layers)`` made by :func:`model_view` in the worker thread that trained or
+        loaded the model, so that nothing is computed here, on the Qt main thread.
         """
         self.trained = trained
         self.training_result = training_result
-        if self.adata is not None:
-            self._show_model_view(predictions)
+        if prepared is not None:
+            self.show_imageset(*prepared)
+        elif self.adata is not None:
+            self.show_imageset(*model_view(trained, self.adata, self.label_column, predictions))
         self.model_changed.emit()
-
-    def _show_model_view(self, predictions: pd.DataFrame | None = None) -> None:
-        trained = self.trained
-        x, images = trained.prepare(self.adata)
-        labels = None
-        if self.label_column is not None and self.label_column in self.adata.obs:
-            labels = self.adata.obs[self.label_column].astype(str).to_numpy()
-        layout = trained.layout
-        imageset = ImageSet(
-            images=np.asarray(images, dtype=np.float32), samples=list(self.adata.obs_names), labels=labels,
-            expression=np.asarray(x, dtype=np.float32),
-            pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
-            description=layout.describe(), layout=layout, label_column=self.label_column,
-            predictions=predictions if predictions is not None else self.predict())
-        self.show_imageset(imageset)
 
     def predict(self) -> pd.DataFrame | None:
         if self.trained is None or self.adata is None:
             return None
-        frame = self.trained.predict(self.adata)
-        return frame.set_index("sample") if "sample" in frame.columns else frame
+        return _predictions(self.trained, self.adata)
 
     def require_model(self):
         if self.trained is None:
@@ -338,10 +344,13 @@ class OmicsSession:
             layer = _create_layer(data, kwargs, kind)
             if L.role_of(layer) == "saliency":
                 layer.visible = saliency_visible
+            if L.role_of(layer) == "attribution":
+                show_colorbar(layer)
             viewer.add_layer(layer)
             viewer.layers.move(viewer.layers.index(layer), position)
             position += 1
         viewer.layers.selection.active = layer
+        self._update_caption()
 
     def saliency_context(self) -> tuple[np.ndarray | None, np.ndarray, str]:
         """``(saliency (C,H,W) relative or None, expression (G,), description)`` of what is shown now."""
@@ -393,10 +402,7 @@ class OmicsSession:
             raise OmicsInputError(
                 "these images have no gene map (the published RGB method places samples, not genes): "
                 "imagify with deepinsight, fotomics, rgb-layouts or grid to annotate genes.")
-        saliency, expression, _ = self.saliency_context()
-        return region_gene_table(imageset.pixel_map, self.regions_of(layer).masks(), saliency=saliency,
-                                 expression=expression, attribution=imageset.attribution_context(self.current_sample()),
-                                 channel_names=imageset.channel_names)
+        return imageset.region_table(self.regions_of(layer).masks(), self.current_sample())
 
     # ---------------------------------------------------------------- hover
     def report_at(self, layer, position, world: bool = True) -> PixelReport | None:
@@ -412,15 +418,33 @@ class OmicsSession:
         sample = self.current_sample() if imageset is self.imageset else 0
         return imageset.report(role, data[-2], data[-1], sample)
 
+    def report_under(self, position, world: bool = True, layer=None) -> PixelReport | None:
+        """Genes of whatever omicsimage image is under ``position``, whichever layer is selected.
+
+        The visible gene-aware layers are asked from the top down (the attribution map over the sample
+        image or over a class-mean tile, the sample image, the class-mean mosaic); the first that has a
+        pixel there answers.  ``world=False``: ``position`` is in the data coordinates of ``layer``.
+        """
+        viewer = self._viewer()
+        if viewer is None or position is None:
+            return None
+        position = np.asarray(position, dtype=float)
+        if not world and layer is not None:
+            position = np.asarray(layer.data_to_world(position), dtype=float)
+        for candidate in reversed(list(viewer.layers)):
+            if not candidate.visible or L.role_of(candidate) not in HOVER_ROLES:
+                continue
+            report = self.report_at(candidate, position)
+            if report is not None:
+                return report
+        return None
+
     def _on_cursor(self, event=None) -> None:
         viewer = self._viewer()
         if viewer is None:
             return
-        layer = viewer.layers.selection.active
-        if L.role_of(layer) not in HOVER_ROLES:
-            layer = self.layer("images")
-        report = self.report_at(layer, viewer.cursor.position) if layer is not None else None
-        key = None if report is None else (id(layer), report.row, report.col, report.context)
+        report = self.report_under(viewer.cursor.position)
+        key = None if report is None else (report.row, report.col, report.context)
         if key != self._last_hover_key:
             self._last_hover_key = key
             self.hovered.emit(report)
@@ -432,10 +456,10 @@ class OmicsSession:
     def _on_layer_inserted(self, event) -> None:
         layer = event.value
         role = L.role_of(layer)
+        # every layer, so that hover names the genes under the cursor whichever layer is selected
+        install_gene_status(layer, self)
         if role is None:
             return
-        if role in HOVER_ROLES:
-            install_gene_status(layer, self)
         payload = layer.metadata[L.META_KEY].get("payload")
         if isinstance(payload, DataPayload) and L.imageset_of(layer) is not self.imageset:
             self._adopt(layer, payload)
@@ -446,8 +470,8 @@ class OmicsSession:
     def _adopt(self, layer, payload: DataPayload) -> None:
         """Take over data brought by the reader or sample data (their layers are already added)."""
         new = L.imageset_of(layer)
-        self._remove_layers(lambda other: L.role_of(other) not in (None, "regions")
-                            and L.imageset_of(other) is not new)
+        # regions drawn on the old layout go too: they would sit over different genes
+        self._remove_layers(lambda other: L.role_of(other) is not None and L.imageset_of(other) is not new)
         self.adata = payload.adata
         self.label_column = payload.label_column
         self.source = payload.source
@@ -472,6 +496,15 @@ def text_overlay(viewer):
     canvas = getattr(viewer, "canvas", None)
     overlays = getattr(canvas, "overlays", None)
     return overlays.text if overlays is not None else viewer.text_overlay
+
+
+def show_colorbar(layer, position: str = "bottom_right") -> None:
+    """napari's colour bar overlay for ``layer`` (image layers; napari ≥ 0.6), bottom right of the canvas."""
+    colorbar = getattr(layer, "colorbar", None)
+    if colorbar is None:
+        return
+    colorbar.visible = True
+    colorbar.position = position
 
 
 def _camera(viewer):
@@ -501,6 +534,32 @@ def make_layers(imageset: ImageSet) -> list:
     return [_create_layer(data, kwargs, kind) for data, kwargs, kind in L.image_layers(imageset)]
 
 
+def _predictions(trained, adata) -> pd.DataFrame:
+    frame = trained.predict(adata)
+    return frame.set_index("sample") if "sample" in frame.columns else frame
+
+
+def model_view(trained, adata, label_column: str | None, predictions: pd.DataFrame | None = None,
+               with_layers: bool = True) -> tuple[ImageSet, list | None]:
+    """``(imageset, layers)``: ``adata`` preprocessed and rendered through ``trained``, with its predictions.
+
+    The heavy part of showing a model (preprocessing, rendering, predicting, building the layers);
+    widgets call it in their worker thread and hand the result to :meth:`OmicsSession.set_trained`.
+    """
+    x, images = trained.prepare(adata)
+    labels = None
+    if label_column is not None and label_column in adata.obs:
+        labels = adata.obs[label_column].astype(str).to_numpy()
+    layout = trained.layout
+    imageset = ImageSet(
+        images=np.asarray(images, dtype=np.float32), samples=list(adata.obs_names), labels=labels,
+        expression=np.asarray(x, dtype=np.float32),
+        pixel_map=layout.pixel_map_ if layout.has_gene_map else None,
+        description=layout.describe(), layout=layout, label_column=label_column,
+        predictions=predictions if predictions is not None else _predictions(trained, adata))
+    return imageset, (make_layers(imageset) if with_layers else None)
+
+
 def install_gene_status(layer, session: OmicsSession) -> None:
     """Make ``layer``'s status bar text and tooltip name the genes under the cursor.
 
@@ -524,13 +583,12 @@ def install_gene_status(layer, session: OmicsSession) -> None:
         if owner is None or position is None:
             return None
         try:
-            return owner.report_at(layer, position, world=world)
+            return owner.report_under(position, world=world, layer=layer)
         except Exception:  # noqa: BLE001 - never break napari's status thread over a hover
             return None
 
-    def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False, value=None):
-        status = base_status(position, view_direction=view_direction, dims_displayed=dims_displayed,
-                             world=world, value=value)
+    def get_status(position=None, *, world=False, **kwargs):  # layer types differ in their other keywords
+        status = base_status(position, world=world, **kwargs)
         report = _report(position, world)
         if report is not None:
             text = report.status()
@@ -538,11 +596,11 @@ def install_gene_status(layer, session: OmicsSession) -> None:
             status["value"] = text
         return status
 
-    def get_tooltip_text(position, *, view_direction=None, dims_displayed=None, world=False):
+    def get_tooltip_text(position, *, world=False, **kwargs):
         report = _report(position, world)
         if report is not None:
             return report.tooltip()
-        return base_tooltip(position, view_direction=view_direction, dims_displayed=dims_displayed, world=world)
+        return base_tooltip(position, world=world, **kwargs)
 
     layer.get_status = get_status
     layer._get_tooltip_text = get_tooltip_text

@@ -10,7 +10,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -22,8 +21,9 @@ from ..io import SAMPLE_DATASETS, load_sample_data, read_expression, read_labels
 from ..preprocess import PreprocessConfig, decide_scale
 from ..streaming import STREAM_ABOVE_CELLS, open_cells, wants_streaming
 from ._common import (
-    cancel_button,
     BackgroundTask,
+    ElidedLabel,
+    cancel_button,
     fill_table,
     group,
     make_table,
@@ -83,7 +83,7 @@ class DataWidget(QWidget):
         self.labels_button = QPushButton("Labels table…")
         self.labels_button.setToolTip("optional CSV/TSV with one row per sample (ids in the first column)")
         self.labels_button.clicked.connect(self._choose_labels)
-        self.labels_path_label = QLabel("no separate labels table")
+        self.labels_path_label = ElidedLabel("no separate labels table")
         self.orientation_combo = QComboBox()
         self.orientation_combo.addItems(list(ORIENTATIONS))
         self.read_combo = QComboBox()
@@ -162,7 +162,7 @@ class DataWidget(QWidget):
     def set_labels_table(self, path: str | Path) -> bool:
         """Use a labels table; data already opened from a file are read again with it."""
         self._labels_path = str(path)
-        self.labels_path_label.setText(f"labels: {Path(path).name}")
+        self.labels_path_label.setText(f"labels: {path}")
         if self.session.source_path is not None:
             return self.load_path(self.session.source_path, path)
         return True

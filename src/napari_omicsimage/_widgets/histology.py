@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -102,12 +103,15 @@ class HistologyWidget(QWidget):
         self.genes_spin = QSpinBox()
         self.genes_spin.setRange(1, 2000)
         self.genes_spin.setValue(50)
+        self.genes_spin.setToolTip("predict this many genes: those whose expression varies most between spots "
+                                   "(highly variable genes) in the training sections")
         self.keep_spin = QDoubleSpinBox()
         self.keep_spin.setRange(0.05, 1.0)
         self.keep_spin.setSingleStep(0.05)
         self.keep_spin.setValue(1.0)
-        self.keep_spin.setToolTip("Shannon selection (ISG): train on this fraction of spots with the most "
-                                  "texture; 1 keeps all. The mask layer shows kept and dropped patches.")
+        self.keep_spin.setToolTip("Shannon selection (ISG): train on this fraction of spots whose patches have "
+                                  "the most texture (highest Shannon entropy of their pixel values); 1 keeps all. "
+                                  "The mask layer shows kept (green) and dropped (red) patches.")
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         form = QFormLayout()
@@ -119,8 +123,8 @@ class HistologyWidget(QWidget):
         form.addRow("weights:", self.weights_edit)
         form.addRow("epochs:", self.epochs_spin)
         form.addRow("input pixels:", self.input_spin)
-        form.addRow("genes (top HVG):", self.genes_spin)
-        form.addRow("Shannon keep:", self.keep_spin)
+        form.addRow("genes (most variable):", self.genes_spin)
+        form.addRow("keep textured spots:", self.keep_spin)
         form.addRow("device:", self.device_combo)
 
         self.fit_button = QPushButton("Fit and predict")
@@ -133,6 +137,10 @@ class HistologyWidget(QWidget):
         self.status = wrapped_label("")
         self.gene_combo = QComboBox()
         self.gene_combo.currentTextChanged.connect(self.show_gene)
+        self.shared_scale = QCheckBox("one colour scale for predicted and measured")
+        self.shared_scale.setToolTip("off: each copy spans its own range (predictions are often narrower "
+                                     "than the measurements and would look flat on theirs)")
+        self.shared_scale.toggled.connect(lambda *_: self.show_gene(self.gene_combo.currentText()))
         self.summary = wrapped_label("")
         self.save_button = QPushButton("Save model…")
         self.save_button.setEnabled(False)
@@ -144,7 +152,8 @@ class HistologyWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
-        layout.addWidget(group("Predicted gene (left) and measured (right)", self.gene_combo, self.summary))
+        layout.addWidget(group("Predicted gene (left) and measured (right)", self.gene_combo, self.shared_scale,
+                               self.summary))
         layout.addWidget(self.save_button)
         layout.addStretch(1)
         self._relay = Relay()
@@ -320,6 +329,10 @@ class HistologyWidget(QWidget):
         self.gene_combo.blockSignals(False)
         self.show_gene(predictions.var_names[0])
         self.fit_view()
+        # again once the window has laid out the canvas beside the dock (its size may still change now)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(100, self.fit_view)
         notes = [(f"{predictions.n_obs} {section.kind} of {section.name}, {predictions.n_vars} genes; "
                   f"model: {self.model.config.model_description}"),
                  f"values: {self.model.scale}", selection.describe(), *self.model.notes]
@@ -342,6 +355,7 @@ class HistologyWidget(QWidget):
         measured = self._layers.get("measured")
         if measured is not None and measured.visible:
             x1 += measured_offset(self.section)
+        y0 -= 2 * pad  # room for the copy labels above the spots
         canvas = self.viewer.window._qt_viewer.canvas.native
         camera = _camera(self.viewer)
         camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
@@ -352,27 +366,43 @@ class HistologyWidget(QWidget):
         self._layers[key] = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
 
     def show_gene(self, gene: str) -> None:
+        """The gene's predicted map (left) and measured map (right), each labelled and with its colour bar."""
         from ..histology import layers
 
         if self.predictions is None or gene not in self.predictions.var_names:
             return
-        for key in ("predicted", "measured"):
+        for key in ("predicted", "measured", "labels"):
             layer = self._layers.pop(key, None)
             if layer is not None and layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
-        predicted = np.asarray(self.predictions[:, gene].X).ravel()
-        limits = None
-        if "measured" in self.predictions.layers:
-            measured = np.asarray(self.predictions[:, gene].layers["measured"]).ravel()
-            both = np.concatenate([predicted, measured[np.isfinite(measured)]])
-            limits = (float(both.min()), float(both.max()) + 1e-6)  # one colour scale for both copies
+        predicted = np.maximum(np.asarray(self.predictions[:, gene].X, dtype=float).ravel(), 0.0)
+        has_measured = "measured" in self.predictions.layers
+        limits = {"predicted": layers.gene_limits(predicted)}
+        if has_measured:
+            measured = np.asarray(self.predictions[:, gene].layers["measured"], dtype=float).ravel()
+            limits["measured"] = layers.gene_limits(measured)
+            if self.shared_scale.isChecked():
+                both = (min(limits["predicted"][0], limits["measured"][0]),
+                        max(limits["predicted"][1], limits["measured"][1]))
+                limits = {"predicted": both, "measured": both}
             self._add("measured", layers.expression_layer(self.section, self.predictions, gene, measured=True,
-                                                          contrast=limits))
-        self._add("predicted", layers.expression_layer(self.section, self.predictions, gene, contrast=limits))
+                                                          contrast=limits["measured"]))
+        self._add("predicted", layers.expression_layer(self.section, self.predictions, gene,
+                                                       contrast=limits["predicted"]))
+        # colour bars in the canvas corners under their copies: predicted left, measured right
+        for key, corner in (("predicted", "bottom_left"), ("measured", "bottom_right")):
+            layer = self._layers.get(key)
+            if layer is not None:
+                layer.face_colorbar.visible = True
+                layer.face_colorbar.position = corner
+        self._add("labels", layers.copy_labels_layer(self.section, gene, has_measured))
+        self.viewer.layers.selection.active = self._layers["predicted"]
         text = f"{gene}: predicted {predicted.min():.2f}–{predicted.max():.2f}"
-        if limits is not None:
+        if has_measured:
             r = np.corrcoef(predicted, measured)[0, 1] if np.ptp(measured) > 0 and np.ptp(predicted) > 0 else np.nan
-            text += f"; Pearson r with measured on this section {r:.2f}"
+            text += (f", measured {np.nanmin(measured):.2f}–{np.nanmax(measured):.2f}; Pearson r on this "
+                     f"section {r:.2f}; " + ("one colour scale" if self.shared_scale.isChecked()
+                                            else "each map its own colour scale"))
         self.status.setText(text)
 
     def _choose_save(self) -> None:

@@ -284,13 +284,17 @@ class ImagifyWidget(QWidget):
     def _data_changed(self) -> None:
         adata = self.session.adata
         self.run_button.setEnabled(adata is not None and not self.task.running)
-        if adata is not None and self.session.imagified is None and not self.task.running:
+        if adata is not None and self.session.imageset is None and not self.task.running:
             self.status.setText(f"{adata.n_obs} samples × {adata.n_vars} genes loaded: press Imagify to show them")
         if self.session.layout_spec is not None:
             self.set_layout_spec(self.session.layout_spec)
 
     def _images_changed(self) -> None:
         imageset = self.session.imageset
+        if imageset is not None and not self.task.running:
+            # also when the images came from elsewhere (a model, the demo, a dropped file)
+            self.status.setText(f"showing: {imageset.description}")
+            self.progress.setValue(self.progress.maximum())
         self.caption.setText(self.session.caption() if imageset is not None else "no images yet")
         if imageset is not None and imageset.pixel_map is None:
             self.notes.setText("these images have no gene map: hover, saliency genes and annotation need "

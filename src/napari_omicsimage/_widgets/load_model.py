@@ -6,18 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QWidget
+from qtpy.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from ..errors import OmicsInputError
 from ._common import (
+    BackgroundTask,
+    button_row,
+    cancel_button,
     fill_table,
+    progress_bar,
     group,
     make_table,
     report_error,
     scroll_layout,
     wrapped_label,
 )
-from ._state import get_session
+from ._state import get_session, model_view
 
 COLUMNS = ["sample", "label", "predicted", "probability", "correct"]
 
@@ -38,9 +42,13 @@ class LoadModelWidget(QWidget):
         self.predict_button = QPushButton("Predict loaded samples")
         self.predict_button.setEnabled(False)
         self.predict_button.clicked.connect(self.predict)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.open_button)
-        buttons.addWidget(self.predict_button)
+        self.cancel_button = cancel_button(self.cancel)
+        buttons = button_row(self.open_button, self.predict_button, self.cancel_button)
+        self.task = BackgroundTask()
+        self._run_id = 0
+        self.progress = progress_bar()
+        self.progress.setVisible(False)
+        self.status = wrapped_label("")
         self.model_summary = wrapped_label("No model loaded.")
         self.prediction_summary = wrapped_label("")
         self.table = make_table(COLUMNS)
@@ -49,6 +57,8 @@ class LoadModelWidget(QWidget):
 
         layout = scroll_layout(self)
         layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
         layout.addWidget(group("Model", self.model_summary))
         layout.addWidget(group("Predictions (click a row to show that sample)", self.prediction_summary, self.table))
         self.session.data_changed.connect(self._update_buttons)
@@ -77,20 +87,60 @@ class LoadModelWidget(QWidget):
         return True
 
     def _update_buttons(self) -> None:
-        self.predict_button.setEnabled(self.loaded is not None and self.session.adata is not None)
+        self.predict_button.setEnabled(self.loaded is not None and self.session.adata is not None
+                                       and not self.task.running)
 
     def predict(self) -> bool:
-        """Predict every loaded sample and show the model's images, predictions and agreement."""
+        """Predict every loaded sample (in a worker) and show the model's images, predictions and agreement."""
+        session = self.session
         try:
             if self.loaded is None:
                 raise OmicsInputError("open a checkpoint first.")
-            self.session.require_in_memory(
-                "prediction", f"omicsimage predict model.pt {self.session.source or 'FILE'} --out predictions.csv")
-            self.session.set_trained(self.loaded)
+            adata = session.require_in_memory(
+                "prediction", f"omicsimage predict model.pt {session.source or 'FILE'} --out predictions.csv")
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return False
+        trained, label_column = self.loaded, session.label_column
+        self._run_id += 1
+        run_id = self._run_id
+        self.progress.setVisible(True)
+        self.progress.setRange(0, 0)  # busy: preprocessing, rendering and predicting report no steps
+        self.status.setText(f"predicting {adata.n_obs:,} samples: preprocessing, rendering, predicting…")
+        self.predict_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.task.start(lambda: model_view(trained, adata, label_column),
+                        on_done=lambda prepared: self._predicted(prepared, trained, run_id),
+                        on_error=lambda exc: self._predict_failed(exc, run_id), on_finished=self._predict_finished)
         return True
+
+    def cancel(self) -> None:
+        """Stop waiting for the prediction (it cannot be interrupted; its result is discarded)."""
+        if self.task.running:
+            self._run_id += 1
+            self.task.detach()
+            self._predict_finished()
+            self.status.setText("cancelled (the prediction finishes in the background and is discarded)")
+
+    def _predicted(self, prepared, trained, run_id) -> None:
+        if run_id != self._run_id:
+            return
+        try:
+            self.session.set_trained(trained, prepared=prepared)
+        except Exception as exc:  # noqa: BLE001
+            report_error(exc)
+            return
+        self.status.setText(f"predicted {prepared[0].n_samples:,} samples")
+
+    def _predict_failed(self, exc, run_id) -> None:
+        if run_id == self._run_id:
+            self.status.setText("failed: " + report_error(exc))
+
+    def _predict_finished(self) -> None:
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(1000)
+        self.cancel_button.setEnabled(False)
+        self._update_buttons()
 
     def _show_predictions(self) -> None:
         imageset = self.session.imageset

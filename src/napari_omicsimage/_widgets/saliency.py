@@ -176,9 +176,6 @@ class SaliencyWidget(QWidget):
         except Exception as exc:  # noqa: BLE001
             report_error(exc)
             return
-        self.status.setText(f"{view.gene_method} gene attribution and {method} pixel saliency of {len(maps)} "
-                            f"samples (each for its predicted class); class maps: {view.grouping} "
-                            f"({len(view.per_class)} classes)")
         self._fill_targets()
         report_info("explanation ready: hover the image to see each gene's attribution")
 
@@ -194,13 +191,31 @@ class SaliencyWidget(QWidget):
         self.cancel_button.setEnabled(False)
         if not self._cancel.is_set():
             self.progress.setValue(self.progress.maximum())
+        if not self.status.text().startswith(("failed", "cancelled", "the images changed")):
+            self._show_state()
 
     # ------------------------------------------------------------ display
     def _model_changed(self) -> None:
         self.compute_button.setEnabled(self.session.trained is not None and not self.task.running)
-        if self.session.trained is not None and not self.task.running:
-            self.status.setText(f"model: {self.session.trained.config.model}; choose a method and compute")
         self._fill_targets()
+
+    def _show_state(self) -> None:
+        """Say what is shown, also when the explanation was computed elsewhere (the demo, a script)."""
+        if self.task.running:
+            return
+        imageset, trained = self.session.imageset, self.session.trained
+        view = imageset.saliency if imageset is not None else None
+        if view is not None:
+            n = len(view.per_sample)
+            self.status.setText(f"done: {view.gene_method or 'no'} gene attribution and {view.method} pixel "
+                                f"saliency of {n} samples (each for its predicted class); class maps: "
+                                f"{view.grouping} ({len(view.per_class)} classes). Hover the image.")
+            self.progress.setValue(self.progress.maximum())
+        elif trained is not None:
+            self.status.setText(f"model: {trained.config.model}; choose a method and compute")
+            self.progress.setValue(0)
+        else:
+            self.status.setText("train a model (Train widget) or load one (Load model widget) first")
 
     def _images_changed(self) -> None:
         self._fill_targets()
@@ -217,6 +232,7 @@ class SaliencyWidget(QWidget):
                 self.target_combo.setCurrentText(imageset.saliency.target_class)
         self.target_combo.blockSignals(False)
         self.update_table()
+        self._show_state()
 
     def _target_chosen(self, text: str) -> None:
         imageset = self.session.imageset

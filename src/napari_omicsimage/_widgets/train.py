@@ -31,7 +31,7 @@ from ._common import (
     scroll_layout,
     wrapped_label,
 )
-from ._state import get_session
+from ._state import get_session, model_view
 
 MODEL_HELP = {"small": "small CNN: trains in seconds on a CPU", "resnet18": "ResNet-18 (slow on a CPU)",
               "efficientnet_b0": "EfficientNet-B0 (slow on a CPU)"}
@@ -190,12 +190,18 @@ class TrainWidget(QWidget):
                         raise _Cancelled("cancelled before the first fold finished") from None
                     raise
                 if cv.cancelled or cancel.is_set():
-                    return None, cv
+                    return None, cv, None
             try:
                 trained = train(adata, label_column, spec, config, progress=progress("final"))
             except TrainingCancelled:
                 raise _Cancelled("cancelled before the first epoch finished") from None
-            return trained, cv
+            # the model's own images and predictions, here in the worker, not on the Qt main thread
+            relay.event.emit(("view", n_phases, None))
+            predictions = None
+            if cv is not None and not cv.cancelled:
+                # out-of-fold predictions: each sample predicted by a model that never saw it
+                predictions = cv.predictions.set_index("sample")
+            return trained, cv, model_view(trained, adata, label_column, predictions)
 
         self._cancel.clear()
         self._clear_figures()
@@ -203,7 +209,7 @@ class TrainWidget(QWidget):
         self.metrics_table.setRowCount(0)
         self.summary.setText("")
         self.progress.setValue(0)
-        self.status.setText("starting…")
+        self.status.setText("fitting the image layout on the training samples…")
         self.train_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.save_button.setEnabled(False)
@@ -217,6 +223,9 @@ class TrainWidget(QWidget):
 
     def _on_event(self, value) -> None:
         phase, n_phases, event = value
+        if phase == "view":
+            self.status.setText("trained; rendering the images through the model and predicting every sample…")
+            return
         n_epochs = event.n_epochs or 1
         if event.stage == "batch" and event.n_batches:
             index = (event.fold or 0) if phase == "cv" else n_phases - 1
@@ -230,6 +239,9 @@ class TrainWidget(QWidget):
             self._add_row({"phase": where, "epoch": event.epoch + 1, "loss": event.loss,
                            "train acc": event.metrics.get("train_accuracy")})
         elif event.stage == "fold":
+            last = event.fold + 1 >= (event.n_folds or 0)
+            self.status.setText(f"fold {event.fold + 1}/{event.n_folds} tested; fitting the image layout "
+                                + ("for the final model on all samples…" if last else "for the next fold…"))
             self._add_row({"phase": f"fold {event.fold + 1} test", "loss": event.loss,
                            "test acc": event.metrics.get("accuracy"),
                            "baseline acc": event.metrics.get("baseline_accuracy")})
@@ -244,15 +256,11 @@ class TrainWidget(QWidget):
         self.metrics_table.scrollToBottom()
 
     def _done(self, value) -> None:
-        trained, cv = value
-        self.result = value
+        trained, cv, *prepared = value
+        self.result = (trained, cv)
         if trained is not None:
-            predictions = None
-            if cv is not None and not cv.cancelled:
-                # out-of-fold predictions: each sample predicted by a model that never saw it
-                predictions = cv.predictions.set_index("sample")
             try:
-                self.session.set_trained(trained, cv, predictions=predictions)
+                self.session.set_trained(trained, cv, prepared=prepared[0])
             except Exception as exc:  # noqa: BLE001
                 report_error(exc)
         notes = self.show_training(trained, cv)
@@ -348,7 +356,11 @@ class TrainWidget(QWidget):
             return None, [], ""
         from sklearn.metrics import confusion_matrix
 
-        predicted = trained.predict(self.session.adata)["predicted"].to_numpy()
+        imageset = self.session.imageset
+        if self.session.trained is not trained or imageset is None or imageset.predictions is None:
+            return None, [], ""
+        # the predictions the worker made with the model's images (nothing is predicted here, on the Qt thread)
+        predicted = imageset.predictions.reindex(self.session.adata.obs_names)["predicted"].astype(str).to_numpy()
         truth = self.session.adata.obs[self.session.label_column].astype(str).to_numpy()
         matrix = confusion_matrix(truth, predicted, labels=trained.classes)
         return matrix, trained.classes, "training samples (optimistic: no held-out data)"

@@ -35,20 +35,57 @@ def slide_layer(section: Section, *, name: str | None = None, translate: float =
              "translate": (0.0, translate)}, "image")
 
 
-def top_genes_text(predicted: np.ndarray, genes, measured: np.ndarray | None = None, n: int = 5) -> list[str]:
-    """Per spot: ``GENE pred 2.31 / meas 2.05; ...`` for its ``n`` highest predicted genes."""
+#: feature column holding a spot's top genes (its header says which number is which)
+TOP_GENES = "top genes (pred / meas)"
+
+
+def top_genes_text(predicted: np.ndarray, genes, measured: np.ndarray | None = None, n: int = 3) -> list[str]:
+    """Per spot: ``GENE 2.31 / 2.05, ...`` (predicted / measured) for its ``n`` highest predicted genes.
+
+    Short, so napari's tooltip stays on screen.  Predictions below 0 (a linear model can undershoot)
+    are shown as 0: expression on this scale is never negative.
+    """
     genes = np.asarray(genes, dtype=object)
+    predicted = np.maximum(np.asarray(predicted, dtype=float), 0.0)
     order = np.argsort(-predicted, axis=1)[:, :n]
     texts = []
     for i, top in enumerate(order):
         parts = []
         for j in top:
-            part = f"{genes[j]} pred {predicted[i, j]:.2f}"
+            part = f"{genes[j]} {predicted[i, j]:.2f}"
             if measured is not None and np.isfinite(measured[i, j]):
-                part += f" / meas {measured[i, j]:.2f}"
+                part += f" / {measured[i, j]:.2f}"
             parts.append(part)
-        texts.append("; ".join(parts))
+        texts.append(", ".join(parts))
     return texts
+
+
+def gene_limits(values: np.ndarray) -> tuple[float, float]:
+    """Colour limits of one gene map: its own 1st–99th percentile (a shared scale can leave one copy flat)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [1, 99]))
+    return (low, high) if high > low else (low, low + 1e-6)
+
+
+def copy_labels_layer(section: Section, gene: str, measured: bool) -> tuple:
+    """Text on the canvas above each copy of the slide: which is predicted and which measured."""
+    xy = section.centres
+    pad = section.spot_diameter_px
+    top = float(xy[:, 1].min() - pad)
+    left = float(xy[:, 0].min())
+    positions = [[top, left]]
+    names = [f"predicted {gene}"]
+    if measured:
+        positions.append([top, left + measured_offset(section)])
+        names.append(f"measured {gene}")
+    return (np.array(positions), {
+        "name": "copy labels", "size": 0.1, "face_color": "transparent", "border_width": 0,
+        "features": pd.DataFrame({"label": names}),
+        "text": {"string": "{label}", "anchor": "upper_left", "size": 14, "color": "white"},
+        "metadata": {"omicsimage_histology": {"role": "labels"}}}, "points")
 
 
 def spots_layer(section: Section, predictions: ad.AnnData | None = None, *, name: str | None = None) -> tuple:
@@ -56,7 +93,7 @@ def spots_layer(section: Section, predictions: ad.AnnData | None = None, *, name
     features = pd.DataFrame({"spot": section.spots.index.astype(str)})
     if predictions is not None:
         measured = predictions.layers.get("measured")
-        features["top genes"] = top_genes_text(np.asarray(predictions.X), predictions.var_names, measured)
+        features[TOP_GENES] = top_genes_text(np.asarray(predictions.X), predictions.var_names, measured)
     return (section.centres[:, ::-1].copy(),
             {"name": name or f"spots {section.name}", "size": section.spot_diameter_px, "face_color": "transparent",
              "border_color": "white", "border_width": 0.06, "features": features}, "points")
@@ -69,21 +106,20 @@ def expression_layer(section: Section, predictions: ad.AnnData, gene: str, *, me
         raise KeyError(gene)
     column = predictions.var_names.get_loc(gene)
     values = np.asarray(predictions.layers["measured"] if measured else predictions.X)[:, column].astype(float)
+    if not measured:
+        values = np.maximum(values, 0.0)  # see top_genes_text: no negative expression on screen
     measured_all = predictions.layers.get("measured")
+    what = "measured" if measured else "predicted"
     features = pd.DataFrame({
         "spot": predictions.obs_names.astype(str),
-        gene: values,
-        "top genes": top_genes_text(np.asarray(predictions.X), predictions.var_names, measured_all),
+        f"{what} {gene}": values,
+        TOP_GENES: top_genes_text(np.asarray(predictions.X), predictions.var_names, measured_all),
     })
     if contrast is None:
-        finite = values[np.isfinite(values)]
-        contrast = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if contrast[1] <= contrast[0]:
-            contrast = (contrast[0], contrast[0] + 1e-6)
-    what = "measured" if measured else "predicted"
+        contrast = gene_limits(values)
     return (np.asarray(predictions.obsm["spatial"], dtype=float)[:, ::-1].copy(),
             {"name": f"{what} {gene}", "size": section.spot_diameter_px, "features": features,
-             "face_color": gene, "face_colormap": "viridis", "face_contrast_limits": contrast,
+             "face_color": f"{what} {gene}", "face_colormap": "viridis", "face_contrast_limits": contrast,
              "border_width": 0, "opacity": 1.0,
              "translate": (0.0, measured_offset(section) if measured else 0.0),
              "metadata": {"omicsimage_histology": {"gene": gene, "what": what}}}, "points")
@@ -99,6 +135,17 @@ def shannon_mask_layer(section: Section, keep: np.ndarray, *, patch_um: float, m
         y0, y1 = max(int(y - half), 0), int(y + half) + 1
         x0, x1 = max(int(x - half), 0), int(x + half) + 1
         mask[y0:y1, x0:x1] = 1 if kept else 2
+    keep = np.asarray(keep, dtype=bool)
     features = pd.DataFrame({"index": [0, 1, 2], "shannon": ["", "kept", "dropped"]})
-    return (mask, {"name": "Shannon selection (1 kept, 2 dropped)", "scale": (1 / scale, 1 / scale),
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: KEPT_COLOUR,
+                                              2: DROPPED_COLOUR})
+    # the name says what the summary says: how many patches were kept and dropped, and in which colour
+    name = f"Shannon: {int(keep.sum())} kept (green), {int((~keep).sum())} dropped (red)"
+    return (mask, {"name": name, "scale": (1 / scale, 1 / scale), "colormap": colours,
                    "opacity": 0.6, "features": features}, "labels")
+
+
+KEPT_COLOUR = "#3ccf6e"
+DROPPED_COLOUR = "#e8453c"
