@@ -220,7 +220,8 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from .checkpoint import load_checkpoint
     from .cli import check_out, command_inputs, load_input
-    from .explain import _NO_GENE_MAP, explain, write_explanation
+    from .explain import explain, write_explanation
+    from .layouts import NO_GENE_MAP
     from .outputs import write_output_dir
     from .streaming.explain import check_cells_per_class, explain_streaming, select_cells
 
@@ -230,7 +231,7 @@ def cmd_explain(args) -> int:
     cells_per_class = check_cells_per_class(args.cells_per_class)
     trained = load_checkpoint(args.model_file, device=args.device)
     if not trained.layout.has_gene_map:
-        raise OmicsInputError(_NO_GENE_MAP)
+        raise OmicsInputError(NO_GENE_MAP)
     adata, label_column = load_input(args, require_labels=False)
     options = dict(pixel_method=args.pixel_method, baseline=args.baseline, n_steps=args.steps,
                    **_max_missing(args))

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import OmicsInputError
+from .explain import gene_table
 from .render import PixelMap
+from .streaming.lazy import is_lazy
 
 #: Channel names shown for three-channel images (R, G, B order of the layouts).
 RGB_NAMES = ("R", "G", "B")
@@ -250,8 +252,6 @@ class ImageSet:
     preview: np.ndarray | None = None
 
     def __post_init__(self):
-        from .streaming.lazy import is_lazy
-
         self.samples = [str(s) for s in self.samples]
         self.lazy = is_lazy(self.images)
         if self.labels is not None:
@@ -280,8 +280,6 @@ class ImageSet:
     def from_imagified(cls, result, label_column: str | None = None) -> ImageSet:
         """From :func:`~napari_omicsimage.pipeline.imagify` (in memory) or
         :func:`~napari_omicsimage.streaming.lazy.imagify_cells` (lazy stacks, streamed class means)."""
-        from .streaming.lazy import is_lazy
-
         layout = result.layout
         as_float = (lambda a: a) if is_lazy(result.images) else (lambda a: np.asarray(a, dtype=np.float32))
         return cls(
@@ -435,8 +433,6 @@ class ImageSet:
             table = table.sort_values("expression", ascending=False, kind="stable", ignore_index=True)
             table.insert(0, "rank", np.arange(1, len(table) + 1))
         else:
-            from .explain import gene_table
-
             table = gene_table(self.layout, saliency, expression, attribution=self.attribution_context())
             names = np.asarray(self.channel_names, dtype=object)
             table["channel"] = np.where(table["channel"] >= 0, names[np.maximum(table["channel"], 0)], "")

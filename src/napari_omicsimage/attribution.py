@@ -52,7 +52,8 @@ from typing import Any
 import numpy as np
 
 from .errors import OmicsInputError
-from .explain import _NO_GENE_MAP
+from .layouts import NO_GENE_MAP
+from .training import ProgressEvent
 
 #: Gene attribution methods; the first is the default everywhere genes are ranked.
 GENE_METHODS = ("integrated-gradients", "gradient", "gradient-x-input", "smoothgrad", "gradient-shap")
@@ -115,7 +116,7 @@ class RenderedNetwork(_torch_module_base()):
 
     def __init__(self, layout, network, *, contrast: bool = False):
         if not getattr(layout, "has_gene_map", False):
-            raise OmicsInputError(_NO_GENE_MAP)
+            raise OmicsInputError(NO_GENE_MAP)
         super().__init__()
         self.network = network.eval()
         self.layout = layout
@@ -276,13 +277,11 @@ def gene_attributions(trained, x, method: str = DEFAULT_GENE_METHOD, target=None
     """
     import torch
 
-    from .training import ProgressEvent
-
     if method not in GENE_METHODS:
         raise OmicsInputError(f"unknown gene attribution method {method!r}; choose one of {GENE_METHODS}.")
     layout = trained.layout
     if not getattr(layout, "has_gene_map", False):
-        raise OmicsInputError(_NO_GENE_MAP)
+        raise OmicsInputError(NO_GENE_MAP)
     x = np.asarray(x, dtype=np.float32)
     n_genes = layout.pixel_map_.n_genes
     if x.ndim != 2 or x.shape[1] != n_genes:

@@ -37,7 +37,6 @@ predictions) can therefore differ slightly after reloading.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 from importlib import metadata
@@ -46,12 +45,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, OmicsInputError
+from .layouts import RGBEmbedding, layout_from_state
+from .models import build_model, resolve_device
+from .outputs import write_output_file
+from .payload import content_digest, read_payload
+from .preprocess import Preprocessor
+from .training import TrainConfig, TrainedModel
 
 FORMAT = "napari-omicsimage-checkpoint"
 #: 2 added the SHA-256 of the content (version-1 files still load, with a warning)
 FORMAT_VERSION = 2
-
-log = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -115,41 +118,6 @@ def save_checkpoint(trained, path, *, overwrite: bool = False, inputs=()) -> Pat
 
 
 # ============================================================ the file format
-def content_digest(payload: dict) -> str:
-    """SHA-256 over every value of ``payload`` but its own ``sha256`` entry, in a fixed order.
-
-    Tensors contribute their dtype, shape and bytes, so any changed weight,
-    layout entry or metadata character changes the digest.
-    """
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-
-    def feed(key: str, value) -> None:
-        digest.update(key.encode() + b"\0")
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
-            if tensor.numel():
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, dict):
-            digest.update(f"dict:{len(value)}\0".encode())
-            for k in sorted(value, key=str):
-                feed(f"{key}/{k}", value[k])
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"list:{len(value)}\0".encode())
-            for i, item in enumerate(value):
-                feed(f"{key}[{i}]", item)
-        else:
-            digest.update(f"{type(value).__name__}:{value!r}\0".encode())
-
-    for key in sorted(k for k in payload if k != "sha256"):
-        feed(key, payload[key])
-    return digest.hexdigest()
-
-
 def write_payload(payload: dict, path, *, format: str, version: int = FORMAT_VERSION, overwrite: bool = False,
                   inputs=()) -> Path:
     """Save ``payload`` (tensors, plain values, dicts/lists of them) as a verified checkpoint file.
@@ -160,8 +128,6 @@ def write_payload(payload: dict, path, *, format: str, version: int = FORMAT_VER
     package (classifiers, histology models) is written here.
     """
     import torch
-
-    from .outputs import write_output_file
 
     body = {**payload, "format": format, "format_version": int(version)}
     body["sha256"] = content_digest(body)
@@ -175,88 +141,6 @@ def write_payload(payload: dict, path, *, format: str, version: int = FORMAT_VER
     return write_output_file(path, fill, overwrite=overwrite, inputs=inputs)
 
 
-def is_checkpoint_file(path) -> bool:
-    """Whether ``path`` is a file written by :func:`write_payload` (of any napari-omicsimage format)."""
-    try:
-        read_payload(path, format=None, max_version=10**6)
-    except (OmicsInputError, OSError):
-        return False
-    return True
-
-
-#: words in torch's weights_only refusal of a pickle that names code (a global) rather than data
-_CODE_MARKERS = ("Unsupported global", "GLOBAL", "is not an allowed")
-
-
-def load_plain_data(path, *, what: str, fix: str, only: str):
-    """``torch.load(path, weights_only=True)`` with each failure as one clear :class:`CheckpointError`.
-
-    ``what`` names the file ("checkpoint", "weights file"), ``fix`` says how to
-    get a good one, ``only`` which files to trust.  A pickle that names code is
-    refused without running it; a file whose bytes are merely broken is called
-    damaged.
-    """
-    import pickle
-    import zipfile
-
-    import torch
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such {what}; check the path.")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a {what}.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not any(marker in str(exc) for marker in _CODE_MARKERS):
-            raise CheckpointError(f"{path} is damaged or not a PyTorch file (its data cannot be read as a "
-                                  f"{what}); {fix}.") from None
-        # weights_only refuses anything but tensors and plain containers; that is the point
-        raise CheckpointError(f"{path} holds objects other than tensors and plain values, which could run code "
-                              f"when loaded; refusing to load it. {only}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError,
-            UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0][:120] if str(exc) else "unreadable"
-        raise CheckpointError(f"{path} is damaged, truncated or not a PyTorch file ({type(exc).__name__}: "
-                              f"{first}); {fix}.") from None
-
-
-def read_payload(path, *, format: str | None, max_version: int = FORMAT_VERSION,
-                 what: str = "checkpoint", writer: str = "omicsimage train") -> dict:
-    """Load a checkpoint safely (``weights_only``) and verify its SHA-256.
-
-    ``format=None`` accepts any napari-omicsimage format (used to recognise
-    our own files).  Raises :class:`~napari_omicsimage.errors.CheckpointError`
-    for a missing, damaged, truncated, foreign, unsafe or too new file.
-    """
-    path = Path(path)
-    payload = load_plain_data(path, what=f"{what} file", fix=f"write it again with {writer}",
-                              only=f"Only load {what}s written by napari-omicsimage ({writer}).")
-    found = payload.get("format") if isinstance(payload, dict) else None
-    ours = isinstance(found, str) and found.startswith("napari-omicsimage")
-    if not ours or (format is not None and found != format):
-        kind = f"a {found} file" if ours else "a plain state dict or another program's file?"
-        raise CheckpointError(f"{path} is a PyTorch file but not a napari-omicsimage {what} ({kind}); use a "
-                              f"file written by {writer}.")
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > max_version:
-        raise CheckpointError(
-            f"{path} has {what} format version {version!r}; this napari-omicsimage reads up to "
-            f"{max_version}. Upgrade napari-omicsimage."
-        )
-    stored = payload.get("sha256")
-    if stored is None:
-        if version >= 2:
-            raise CheckpointError(f"{path} has lost its SHA-256 entry, so it is damaged; write it again with "
-                                  f"{writer}.")
-        log.warning("%s was written before checkpoints carried a SHA-256; its content cannot be verified", path)
-    elif stored != content_digest(payload):
-        raise CheckpointError(f"{path} is damaged: its content no longer matches the SHA-256 stored when it was "
-                              f"written (bytes changed after writing); write it again with {writer}.")
-    return payload
-
-
 def load_checkpoint(path, device=None):
     """Read a checkpoint into a :class:`~napari_omicsimage.training.TrainedModel`.
 
@@ -264,12 +148,8 @@ def load_checkpoint(path, device=None):
     Raises :class:`~napari_omicsimage.errors.CheckpointError` for a missing,
     corrupted, truncated, foreign or unsafe file.
     """
-    from .models import build_model, resolve_device
-    from .preprocess import Preprocessor
-    from .training import TrainConfig, TrainedModel
-
     path = Path(path)
-    payload = read_payload(path, format=FORMAT)
+    payload = read_payload(path, format=FORMAT, max_version=FORMAT_VERSION)
     try:
         meta = json.loads(payload["meta"])
         state_dict = payload["state_dict"]
@@ -307,16 +187,12 @@ def load_checkpoint(path, device=None):
 # ====================================================== layouts in checkpoints
 def layout_state(layout) -> tuple[dict, dict[str, np.ndarray]]:
     """``(meta, arrays)`` of a fitted layout; the published RGB method included (see module docs)."""
-    from .layouts import RGBEmbedding
-
     if isinstance(layout, RGBEmbedding):
         return _rgb_embedding_state(layout)
     return layout.state()
 
 
 def restore_layout(meta: dict, arrays: dict[str, np.ndarray]):
-    from .layouts import layout_from_state
-
     if meta.get("method") == "rgb-embedding":
         return _restore_rgb_embedding(meta, arrays)
     return layout_from_state(meta, arrays)
@@ -387,8 +263,6 @@ class _NeighbourUMAP:
 def _restore_rgb_embedding(meta, arrays):
     from openTSNE import TSNEEmbedding
     from openTSNE.affinity import MultiscaleMixture
-
-    from .layouts import RGBEmbedding
 
     layout = RGBEmbedding(**meta["params"])
     layout.genes_ = np.asarray(meta["genes"], dtype=object)

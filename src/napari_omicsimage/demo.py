@@ -23,6 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._hover import ImageSet, SaliencyView, relative
+from .checkpoint import save_checkpoint
+from .explain import explain
+from .io import SAMPLE_DATASETS, load_sample_data
+from .layouts import save_layout
+from .outputs import write_output_dir
+from .render import IMAGE_COLORMAP, image_contrast
+from .training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +74,6 @@ def run_demo(*, epochs: int = DEMO_EPOCHS, device: str = "auto", say: Callable[[
              layout_spec: dict | None = None) -> DemoResult:
     """Train, predict and explain on the bundled data; returns the results (no files, no Qt)."""
     from sklearn.model_selection import train_test_split
-
-    from ._hover import ImageSet, SaliencyView
-    from .explain import explain
-    from .io import SAMPLE_DATASETS, load_sample_data
-    from .training import TrainConfig, train
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -129,10 +132,6 @@ def run_demo(*, epochs: int = DEMO_EPOCHS, device: str = "auto", say: Callable[[
 def write_demo_outputs(result: DemoResult, out_dir, *, overwrite: bool = False) -> Path:
     """Images, model, saliency, gene tables, predictions and PNG figures, written atomically
     (through :func:`napari_omicsimage.outputs.write_output_dir`)."""
-    from .checkpoint import save_checkpoint
-    from .layouts import save_layout
-    from .outputs import write_output_dir
-
     imageset = result.imageset
 
     def fill(tmp: Path) -> None:
@@ -183,8 +182,6 @@ def _first_of_each_class(imageset) -> list[int]:
 
 def plot_sample_images(imageset, path) -> Path:
     """One cell per type (its image) and each type's mean image, same colour scale."""
-    from ._widgets._layers import IMAGE_COLORMAP, image_contrast
-
     picks = _first_of_each_class(imageset)
     n = len(picks)
     fig = _figure(1.6 * n, 3.7)
@@ -208,8 +205,6 @@ def plot_sample_images(imageset, path) -> Path:
 def plot_saliency(imageset, class_tables: dict, path, top: int = 3) -> Path:
     """Each cell type's mean pixel saliency over its mean image, its top genes (by gene attribution)
     marked and named."""
-    from ._hover import relative
-
     view = imageset.saliency
     names = [c for c in imageset.classes if c in view.per_class]
     n_cols = min(5, len(names))
@@ -312,6 +307,7 @@ def show_demo(result: DemoResult, *, viewer=None, run: bool = True):
     """Open napari with the demo's layers and the omicsimage widgets (needs Qt)."""
     import napari
 
+    # the napari half of the demo (lazy: Qt); it belongs with the widgets once they move to gui/
     from ._widgets._state import get_session
 
     viewer = viewer or napari.Viewer(title="napari-omicsimage demo: PBMC cell types")

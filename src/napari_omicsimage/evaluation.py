@@ -28,9 +28,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from . import reports
 from .errors import OmicsInputError, TrainingCancelled
 from .io import check_labels
 from .models import resolve_device
+from .outputs import write_output_dir
 from .preprocess import Preprocessor
 from .training import (
     ImageBatches,
@@ -417,9 +419,6 @@ def write_report(result: CVResult, out_dir, *, overwrite: bool = False, inputs=(
     out-of-fold).  Written through :func:`napari_omicsimage.outputs.write_output_dir`
     (atomic; ``overwrite=True`` replaces only what an earlier run wrote).
     """
-    from . import reports
-    from .outputs import write_output_dir
-
     def fill(tmp: Path) -> None:
         payload = _plain({**result.metrics,
                           "confusion_matrices": [c.tolist() for c in result.confusion_matrices],

@@ -41,15 +41,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .attribution import DEFAULT_GENE_METHOD, GENE_METHODS, gene_attributions
 from .errors import OmicsInputError
+from .layouts import NO_GENE_MAP
+from .models import gradcam_layer
 from .outputs import NpyRows
+from .training import ImageBatches, class_indices, predict_proba
 
 SALIENCY_METHODS = ("gradient", "smoothgrad", "integrated-gradients", "gradcam")
-
-_NO_GENE_MAP = ("the published RGB method (rgb-embedding) draws each sample as a blob at its position in a "
-                "sample embedding; its pixels are not genes, so no gene mapping exists and saliency cannot "
-                "be traced to genes. Use a gene layout (deepinsight, fotomics, rgb-layouts, grid) to rank genes.")
-
 
 # ================================================================ attribution
 def _model_device(model):
@@ -84,8 +83,6 @@ def saliency(model, images, method: str = "gradient", target=None, *, batch_size
         NoiseTunnel,
         Saliency,
     )
-
-    from .models import gradcam_layer
 
     if method not in SALIENCY_METHODS:
         raise OmicsInputError(f"unknown saliency method {method!r}; choose one of {SALIENCY_METHODS}.")
@@ -152,7 +149,7 @@ def saliency_map(sal: np.ndarray) -> np.ndarray:
 # ============================================================= gene mapping
 def _pixel_map(layout):
     if not getattr(layout, "has_gene_map", False):
-        raise OmicsInputError(_NO_GENE_MAP)
+        raise OmicsInputError(NO_GENE_MAP)
     return layout.pixel_map_
 
 
@@ -247,7 +244,7 @@ def sample_top_genes(result, layout, top: int = 50, *, chunk: int = 128) -> pd.D
     """Each sample's ``top`` genes as ranked by :meth:`Explanation.sample_table`, all samples in one table
     (``sample``, ``predicted``, then :data:`GENE_TABLE_COLUMNS`), computed ``chunk`` samples at a time."""
     if result.attribution is None:
-        raise OmicsInputError(_NO_GENE_MAP)
+        raise OmicsInputError(NO_GENE_MAP)
     contrastive = result.attribution.contrastive
     parts = []
     for start in range(0, len(result.samples), chunk):
@@ -297,13 +294,13 @@ class Explanation:
     def class_attribution(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Mean signed gene attribution and contrastive score ``(G,)`` over the class's members."""
         if self.attribution is None:
-            raise OmicsInputError(_NO_GENE_MAP)
+            raise OmicsInputError(NO_GENE_MAP)
         return self.attribution.class_mean(self.class_members[name])
 
     def sample_table(self, layout, index: int) -> pd.DataFrame:
         """Genes ranked for one sample (explained for its predicted class)."""
         if self.attribution is None:
-            raise OmicsInputError(_NO_GENE_MAP)
+            raise OmicsInputError(NO_GENE_MAP)
         contrastive = self.attribution.contrastive
         return gene_table(layout, self.saliency[index], self.x[index], attribution=self.attribution.values[index],
                           contrastive=None if contrastive is None else contrastive[index])
@@ -336,9 +333,6 @@ def explain(trained, adata, method: str | None = None, label_column: str | None 
     to gene alignment (see ``TrainedModel.prepare``); ``progress`` hears the
     gene attribution's batches.
     """
-    from .attribution import DEFAULT_GENE_METHOD, GENE_METHODS, gene_attributions
-    from .training import ImageBatches, class_indices, predict_proba
-
     method = DEFAULT_GENE_METHOD if method is None else method
     if method not in GENE_METHODS:
         raise OmicsInputError(f"unknown gene attribution method {method!r}; choose one of {GENE_METHODS} "
@@ -464,7 +458,7 @@ class ExplanationWriter:
     def add(self, result: Explanation) -> None:
         """Append a block of explained samples (in the order they should appear in the files)."""
         if result.attribution is None:
-            raise OmicsInputError(_NO_GENE_MAP)
+            raise OmicsInputError(NO_GENE_MAP)
         header = self.first is None
         if header:
             self.first = result

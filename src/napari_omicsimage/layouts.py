@@ -83,6 +83,12 @@ def _check_pixel_grid(size: tuple[int, int]) -> None:
     check_image_memory(1, 1, size, bytes_per_value=_FIT_BYTES_PER_PIXEL, what="pixel grid for placing genes")
 
 
+#: why a layout without a gene map (:attr:`Layout.has_gene_map` False) cannot rank genes
+NO_GENE_MAP = ("the published RGB method (rgb-embedding) draws each sample as a blob at its position in a "
+               "sample embedding; its pixels are not genes, so no gene mapping exists and saliency cannot "
+               "be traced to genes. Use a gene layout (deepinsight, fotomics, rgb-layouts, grid) to rank genes.")
+
+
 # ============================================================ base classes
 class Layout:
     """Common interface of all layouts."""

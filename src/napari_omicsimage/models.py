@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import OmicsInputError
+from .payload import load_plain_data
 
 MODEL_NAMES = ("resnet18", "efficientnet_b0", "small")
 
@@ -125,8 +126,6 @@ def _imagenet_state_dict(name: str) -> dict:
 
 def _local_state_dict(path: Path, name: str) -> dict:
     import torch
-
-    from .checkpoint import load_plain_data
 
     if not path.exists():
         raise OmicsInputError(f"weights file {path} does not exist; give the path of a .pth file.")

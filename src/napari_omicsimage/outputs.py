@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import OmicsInputError
+from .payload import is_checkpoint_file
 
 MANIFEST = ".omicsimage-outputs.json"
 _TMP_PREFIX = ".omicsimage-tmp-"
@@ -86,8 +87,6 @@ def _write_manifest(folder: Path, files: Iterable[str]) -> None:
 
 def _is_own_checkpoint(path: Path) -> bool:
     """A napari-omicsimage checkpoint vouches for itself (it may have been moved here)."""
-    from .checkpoint import is_checkpoint_file
-
     return is_checkpoint_file(path)
 
 

@@ -326,3 +326,23 @@ def _dense_on_device(x, device):
                 torch.from_numpy(x.data).to(device), size=x.shape, device=device)
             return batch.to_dense()
     return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+# ================================================================ display
+#: the colour map of expression images, in napari and in the demo's figures alike
+IMAGE_COLORMAP = "gray"
+
+
+def image_contrast(images: np.ndarray) -> list[float]:
+    """Contrast limits that show the expressed pixels well.
+
+    Images are in [0, 1] but most pixels of a sample sit far below 1 (a pixel
+    averages its genes, each scaled to its own range): the 99.5th percentile of
+    the non-empty pixels keeps detail without saturating the bright ones.
+    """
+    values = np.asarray(images, dtype=np.float32)
+    nonzero = values[values > 0]
+    if nonzero.size == 0:
+        return [0.0, 1.0]
+    top = float(np.percentile(nonzero, 99.5))
+    return [0.0, max(top, 1e-3)]

@@ -27,7 +27,7 @@ import pandas as pd
 from .errors import OmicsInputError, TrainingCancelled
 from .io import check_labels
 from .layouts import Layout, make_layout
-from .models import MAX_MISSING_FRACTION, align_genes, build_model, resolve_device
+from .models import MAX_MISSING_FRACTION, MODEL_NAMES, align_genes, build_model, resolve_device
 from .preprocess import PreprocessConfig, Preprocessor
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ class TrainConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def validate(self) -> TrainConfig:
-        from .models import MODEL_NAMES
-
         if self.model not in MODEL_NAMES:
             raise OmicsInputError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}.")
         if int(self.epochs) < 1:

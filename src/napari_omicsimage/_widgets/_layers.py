@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 
 from .._hover import ImageSet, channels_last, relative
+from ..render import IMAGE_COLORMAP, image_contrast
 
 META_KEY = "omicsimage"
 
 #: single-channel expression images: black = not expressed (also the empty pixels), white = highest;
 #: neutral, so the saliency heat map added on top reads as the only colour
-IMAGE_COLORMAP = "gray"
 SALIENCY_COLORMAP = "inferno"
 #: saliency below this share of the image's maximum adds nothing: the diffuse low gradient of
 #: every pixel would otherwise tint the whole image
@@ -52,21 +52,6 @@ def imageset_of(layer) -> ImageSet | None:
 
 def _meta(role: str, imageset: ImageSet, **extra) -> dict:
     return {META_KEY: {"role": role, "imageset": imageset, **extra}}
-
-
-def image_contrast(images: np.ndarray) -> list[float]:
-    """Contrast limits that show the expressed pixels well.
-
-    Images are in [0, 1] but most pixels of a sample sit far below 1 (a pixel
-    averages its genes, each scaled to its own range): the 99.5th percentile of
-    the non-empty pixels keeps detail without saturating the bright ones.
-    """
-    values = np.asarray(images, dtype=np.float32)
-    nonzero = values[values > 0]
-    if nonzero.size == 0:
-        return [0.0, 1.0]
-    top = float(np.percentile(nonzero, 99.5))
-    return [0.0, max(top, 1e-3)]
 
 
 def mosaic_transform(imageset: ImageSet) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -8,6 +8,7 @@ Qt-free core, in the order the data flow through it:
 * :mod:`.features` — hand-crafted, Fourier and torchvision-backbone patch features;
 * :mod:`.models` — targets (log1p-normalised HVGs), PCA + ridge, checkpoints, predictions AnnData;
 * :mod:`.finetune` — the fine-tuned network head (ST-Net style, ``HistologyConfig(model="finetune")``);
+* :mod:`.fitting` — fit, save and load either kind of model;
 * :mod:`.evaluation` — leave-one-section-out Pearson r with baselines.
 
 The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
@@ -17,14 +18,8 @@ The napari widget is :mod:`napari_omicsimage._widgets.histology`; the CLI is
 from .evaluation import HistologyEvaluation, leave_one_section_out
 from .features import FeatureExtractor
 from .finetune import FineTunedModel
-from .models import (
-           EXPRESSION_SCALE,
-           HistologyConfig,
-           HistologyModel,
-           fit,
-           load_model,
-           save_model,
-)
+from .fitting import fit, load_model, save_model
+from .models import EXPRESSION_SCALE, HistologyConfig, HistologyModel
 from .reading import Scale, Section, read_section
 from .slide import Slide, open_slide
 

@@ -152,7 +152,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_fit(args) -> int:
     from ..outputs import check_output
-    from .models import fit, save_model
+    from .fitting import fit, save_model
 
     config = _config(args)
     out = Path(args.out)
@@ -170,7 +170,7 @@ def cmd_fit(args) -> int:
 
 def cmd_predict(args) -> int:
     from ..outputs import check_output, write_output_file
-    from .models import load_model
+    from .fitting import load_model
 
     out = Path(args.out)
     check_output(out, kind="file", inputs=[Path(args.model), Path(args.section)], overwrite=args.overwrite)

@@ -28,7 +28,9 @@ import pandas as pd
 from ..errors import OmicsInputError, TrainingCancelled
 from ..training import ProgressEvent
 from .features import FeatureExtractor, PatchFeatures, describe_features
-from .models import HistologyConfig, fit, log_normalised, target_matrix
+from .finetune import fit_finetuned, section_patches
+from .fitting import fit
+from .models import HistologyConfig, log_normalised, target_matrix
 from .reading import Section
 from .tiles import shannon_select
 
@@ -150,8 +152,6 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
     finetune = config.model == "finetune"
     started = time.perf_counter()
     if finetune:
-        from .finetune import fit_finetuned, section_patches
-
         patches = {}
         for i, section in enumerate(sections):
             ident = (("patches", config.patch_um, config.input_px), section.name)

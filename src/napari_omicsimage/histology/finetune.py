@@ -32,7 +32,8 @@ import anndata as ad
 import numpy as np
 
 from ..errors import CheckpointError, TrainingCancelled
-from ..training import ProgressEvent
+from ..models import resolve_device
+from ..training import ProgressEvent, TrainConfig, _autocast, train_loop
 from .features import BACKBONES, FeaturesCancelled, build_backbone, normalise_patches
 from .models import (
     EXPRESSION_SCALE,
@@ -44,6 +45,7 @@ from .models import (
     training_rows,
 )
 from .reading import Section
+from .tiles import iter_patches, patch_side_px, shannon_entropy
 
 
 # ------------------------------------------------------------------ patches
@@ -58,8 +60,6 @@ class SectionPatches:
 def section_patches(section: Section, config: HistologyConfig, *, progress=None, label: str = "",
                     position: tuple[int, int] = (0, 1)) -> SectionPatches:
     """Read ``section``'s patches batch by batch (progress stage ``"patches"``; returning True cancels)."""
-    from .tiles import iter_patches, patch_side_px, shannon_entropy
-
     side = patch_side_px(config.patch_um, section.um_per_px)
     px = int(config.input_px)
     patches = np.zeros((section.n_spots, px, px, 3), dtype=np.uint8)
@@ -162,8 +162,6 @@ class FineTunedModel(FittedModel):
         """Predicted expression ``(n, genes)`` of uint8 patches at the network's input size."""
         import torch
 
-        from ..training import _autocast
-
         self.network.eval()
         out = []
         with torch.no_grad():
@@ -179,8 +177,6 @@ class FineTunedModel(FittedModel):
                 ) -> ad.AnnData:
         """Predicted expression of every spot of ``section`` (see :func:`.models.predictions_anndata`)."""
         if device is not None:
-            from ..models import resolve_device
-
             self.network.to(resolve_device(device))
         if patches is None:
             patches = section_patches(section, self.config, progress=progress)
@@ -198,9 +194,6 @@ def fit_finetuned(sections: list[Section], config: HistologyConfig, *, progress=
     and a note; before the first epoch finished: :class:`TrainingCancelled`.
     """
     import torch
-
-    from ..models import resolve_device
-    from ..training import TrainConfig, train_loop
 
     config = config.validate()
     patches = dict(patches or {})
@@ -260,9 +253,7 @@ def finetuned_payload(model: FineTunedModel) -> dict:
 
 def finetuned_from_payload(payload: dict, meta: dict, config: HistologyConfig, path, *, device=None
                            ) -> FineTunedModel:
-    """The :class:`FineTunedModel` of a checkpoint read by :func:`.models.load_model`."""
-    from ..models import resolve_device
-
+    """The :class:`FineTunedModel` of a checkpoint read by :func:`.fitting.load_model`."""
     try:
         genes = [str(g) for g in meta["genes"]]
         state = payload["state_dict"]

@@ -28,9 +28,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ..checkpoint import package_versions
 from ..errors import CheckpointError, OmicsInputError
 from ..training import ProgressEvent
-from .features import FeatureExtractor, PatchFeatures, describe_features, parse_features
+from .features import BACKBONES, FeatureExtractor, PatchFeatures, describe_features, parse_features
 from .reading import Section
 from .tiles import DEFAULT_PATCH_UM, shannon_select
 
@@ -89,8 +90,6 @@ class HistologyConfig:
             self.features = DEFAULT_FEATURES.get(self.model, DEFAULT_FEATURES["ridge"])
 
     def validate(self) -> HistologyConfig:
-        from .features import BACKBONES
-
         if self.model not in MODELS:
             raise OmicsInputError(f"unknown histology model {self.model!r}; choose one of {', '.join(MODELS)}.")
         parts = parse_features(self.features)
@@ -269,21 +268,14 @@ class HistologyModel(FittedModel):
         return predictions_anndata(self, section, self.predict_features(features.values), features.entropy)
 
 
-def fit(sections: list[Section], config: HistologyConfig | None = None, *, progress=None,
-        features: dict[str, PatchFeatures] | None = None, extractor: FeatureExtractor | None = None
-        ) -> HistologyModel:
-    """Fit on all spots of ``sections`` (after Shannon selection, when asked for).
+def fit_ridge(sections: list[Section], config: HistologyConfig, *, progress=None,
+              features: dict[str, PatchFeatures] | None = None, extractor: FeatureExtractor | None = None
+              ) -> HistologyModel:
+    """Fit the PCA + ridge model on all spots of ``sections`` (after Shannon selection, when asked for).
 
     ``features`` (section name → :class:`PatchFeatures`) skips extraction;
     evaluation passes them so each section's patches are featurised once.
     """
-    config = (config or HistologyConfig()).validate()
-    if not sections:
-        raise OmicsInputError("fitting needs at least one section with measured expression.")
-    if config.model == "finetune":
-        from .finetune import fit_finetuned
-
-        return fit_finetuned(sections, config, progress=progress)
     features = dict(features or {})
     for i, section in enumerate(sections):
         if section.name not in features:
@@ -361,8 +353,6 @@ def predictions_anndata(model, section: Section, predicted: np.ndarray, entropy:
 
 # ------------------------------------------------------------ checkpoints
 def _versions() -> dict:
-    from ..checkpoint import package_versions
-
     versions = package_versions()
     try:
         versions["scikit-image"] = metadata.version("scikit-image")
@@ -402,38 +392,10 @@ def model_payload(model: HistologyModel) -> dict:
     }
 
 
-def save_model(model, path, *, overwrite: bool = False, inputs=()):
-    """Write the model (ridge or fine-tuned) as one verified checkpoint (atomic; never over a file this tool
-    did not write)."""
-    from ..checkpoint import write_payload
-
-    if model.config.model == "finetune":
-        from .finetune import finetuned_payload
-
-        payload = finetuned_payload(model)
-    else:
-        payload = model_payload(model)
-    return write_payload(payload, path, format=FORMAT, version=FORMAT_VERSION, overwrite=overwrite, inputs=inputs)
-
-
-def load_model(path, *, device=None):
-    """A model written by :func:`save_model`: the ridge pipeline is rebuilt from the stored arrays, the
-    fine-tuned network from its state dict (on ``device``, default auto)."""
+def ridge_from_payload(payload: dict, meta: dict, config: HistologyConfig, path) -> HistologyModel:
+    """The PCA + ridge model rebuilt from the arrays :func:`model_payload` stored."""
     import torch
 
-    from ..checkpoint import read_payload
-
-    payload = read_payload(path, format=FORMAT, max_version=FORMAT_VERSION, what="histology model",
-                           writer="omicsimage histology fit")
-    try:
-        meta = json.loads(payload["meta"])
-        config = HistologyConfig(**meta["config"])
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a complete histology model ({type(exc).__name__}: {exc}).") from exc
-    if config.model == "finetune":
-        from .finetune import finetuned_from_payload
-
-        return finetuned_from_payload(payload, meta, config, path, device=device)
     try:
         arrays = {k: v.numpy() for k, v in payload.items() if isinstance(v, torch.Tensor)}
         n_features = len(meta["feature_names"])

@@ -33,6 +33,7 @@ import pandas as pd
 
 from ..errors import OmicsInputError
 from .slide import Slide, open_slide
+from .tiles import DEFAULT_PATCH_UM, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +342,6 @@ def read_h5ad_section(path: Path, *, image=None, scale: Scale | None = None) -> 
 
 def read_bare_slide(path: Path, *, scale: Scale | None = None) -> Section:
     """A slide without spots: the spots become a tile grid over the tissue (prediction only)."""
-    from .tiles import DEFAULT_PATCH_UM, tile_grid
-
     scale = scale or Scale()
     slide = open_slide(path)
     if scale.um_per_px is None and slide.um_per_px is None:

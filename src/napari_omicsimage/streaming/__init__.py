@@ -21,7 +21,8 @@ The module is Qt-free; the CLI takes this path by itself for large inputs.
 
 from .cells import STREAM_ABOVE_BYTES, STREAM_ABOVE_CELLS, open_cells, wants_streaming
 from .fit import DEFAULT_LAYOUT_CELLS, fit_preprocessor, fit_layout_on_subsample
-from .run import cross_validate_streaming, predict_streaming, train_streaming
+from .cv import cross_validate_streaming
+from .run import predict_streaming, train_streaming
 
 __all__ = ["DEFAULT_LAYOUT_CELLS", "STREAM_ABOVE_BYTES", "STREAM_ABOVE_CELLS", "cross_validate_streaming",
            "fit_layout_on_subsample", "fit_preprocessor", "open_cells", "predict_streaming", "train_streaming",

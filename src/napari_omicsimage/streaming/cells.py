@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import OmicsInputError
-from ..io import check_labels
+from ..io import _read_labels, attach_labels, check_labels
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def open_cells(path: str | Path, *, label_column: str | None = None, labels=None
                                   f"(AnnData.{'var' if axis == 'gene' else 'obs'}_names_make_unique()).")
     adata.uns["omicsimage"] = {"source": str(path), "orientation": "h5ad files store samples in rows (backed)"}
     if labels is not None:
-        from ..io import _read_labels, attach_labels
-
         notes = adata.uns["omicsimage"].setdefault("reading", [])
         frame, label_column = _read_labels(labels, sample_column, label_column, notes, adata.obs_names)
         attach_labels(adata, frame, label_column)

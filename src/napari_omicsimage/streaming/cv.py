@@ -20,7 +20,8 @@ from ..evaluation import CVResult, FoldOutcome, run_folds
 from ..io import check_labels
 from ..models import resolve_device
 from ..training import TrainConfig, TrainedModel
-from .fit import training_rows, transform_rows
+from .cells import iter_row_blocks
+from .fit import prepare_block, training_rows, transform_rows
 from .run import StreamingOptions, fit_inputs, fit_network_streaming, predict_proba_rows
 
 
@@ -53,9 +54,6 @@ class _StreamingFolds:
 
     def _baseline(self, preprocessor, subsample, y, test_rows, n_classes):
         from sklearn.linear_model import LogisticRegression
-
-        from .cells import iter_row_blocks
-        from .fit import prepare_block
 
         clf = LogisticRegression(max_iter=2000, random_state=int(self.config.seed))
         clf.fit(transform_rows(self.adata, subsample, preprocessor), y[subsample])

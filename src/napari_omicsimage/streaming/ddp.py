@@ -31,7 +31,12 @@ import socket
 import sys
 from pathlib import Path
 
+from ..checkpoint import layout_state, restore_layout, save_checkpoint
 from ..errors import OmicsInputError
+from ..models import build_model
+from ..preprocess import Preprocessor
+from ..training import TrainedModel
+from .run import StageTimer, fit_inputs, fit_network_streaming, label_codes
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +89,7 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..checkpoint import layout_state, restore_layout, save_checkpoint
     from ..cli import command_inputs, load_input
-    from ..preprocess import Preprocessor
-    from ..training import TrainedModel
-    from .run import StageTimer, fit_inputs, fit_network_streaming, label_codes
 
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) and rank == 0 else logging.WARNING,
                         format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
@@ -157,8 +158,6 @@ def _worker(rank: int, world: int, backend: str, address: str, args, config, lay
 
 def _plain_batchnorm(model, config, n_channels: int, n_classes: int):
     """The same weights in a freshly built network (BatchNorm2d, not SyncBatchNorm)."""
-    from ..models import build_model
-
     plain = build_model(config.model, n_channels, n_classes, weights=None)
     plain.load_state_dict(model.state_dict())
     return plain.to(next(model.parameters()).device).eval()

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from ..errors import OmicsInputError
 from ..preprocess import PreprocessConfig, Preprocessor, decide_scale, normalize_samples
+from ..training import fit_layout
 from .cells import BLOCK_ROWS, block_anndata, iter_row_blocks, stratified_subsample
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,6 @@ def fit_layout_on_subsample(adata: ad.AnnData, rows: np.ndarray, preprocessor: P
     Returns ``(layout, subsample_rows)``.  Only gene layouts can be fitted this
     way: the published RGB method places *samples* and needs every one.
     """
-    from ..training import fit_layout
-
     if layout_spec.get("method") == "rgb-embedding":
         raise OmicsInputError("the rgb-embedding method places every sample on its own and cannot stream; "
                               "use a gene layout (deepinsight, fotomics, rgb-layouts, grid) at atlas scale.")

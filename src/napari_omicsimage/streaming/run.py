@@ -206,9 +206,3 @@ def predict_proba_rows(trained: TrainedModel, adata: ad.AnnData, rows: np.ndarra
     columns = [f"prob_{c}" for c in trained.classes]
     parts = [frame[columns].to_numpy() for _, frame in iter_predictions(trained, adata, rows)]
     return np.concatenate(parts) if parts else np.zeros((0, len(columns)))
-
-
-def cross_validate_streaming(*args, **kwargs):  # defined in .cv; re-exported here for one import place
-    from .cv import cross_validate_streaming as run
-
-    return run(*args, **kwargs)
