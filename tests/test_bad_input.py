@@ -494,3 +494,16 @@ def test_a_label_column_with_one_sample_per_class_is_refused(tmp_path, capsys, p
                               "--out", tmp_path / "m.pt"])
     assert "gives each of the 8 samples a label of its own" in line and "--label-column" in line
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (12, 50), (40, 7)])
+def test_an_all_constant_matrix_is_refused(shape):
+    with pytest.raises(OmicsInputError, match=r"every value of the training samples is the same \(5\)"):
+        Preprocessor(n_top_genes=None).fit(ad.AnnData(np.full(shape, 5, np.float32)))
+
+
+def test_one_varying_gene_explains_normalisation_and_names_each_minimum(tmp_path, capsys):
+    path = tmp_path / "x.csv"
+    pd.DataFrame({"G0": np.arange(1.0, 7.0)}, index=[f"s{i}" for i in range(6)]).to_csv(path)
+    line = cli_error(capsys, ["render", path, "--samples-in-rows", "--method", "deepinsight", "--out", tmp_path / "o"])
+    assert "after per-sample normalisation" in line and "deepinsight 3" in line and "grid 2" in line

@@ -44,6 +44,22 @@ DISCRETIZATIONS = ("bin", "qtb", "lsa", "ags")
 #: pyDeepInsight's option for large grids).  Without a size they take the smallest square holding every gene.
 ASSIGNMENT_DISCRETIZATIONS = ("lsa", "ags")
 GRID_ORDERS = ("cluster", "chromosome", "input")
+#: The fewest genes each method can lay out (named in every "too few genes" message).
+MIN_GENES = {"grid": 2, "rgb-embedding": 2, "deepinsight": 3, "fotomics": 3, "rgb-layouts": 3, "som": 3}
+
+
+def min_genes_text() -> str:
+    """Each method's minimum gene count, as one phrase for messages."""
+    return ", ".join(f"{method} {n}" for method, n in MIN_GENES.items())
+
+
+def check_gene_count(what: str, method: str, n_genes: int) -> None:
+    """Refuse fewer genes than ``method`` can lay out, naming every method's minimum."""
+    if n_genes < MIN_GENES[method]:
+        raise OmicsInputError(
+            f"{what} needs at least {MIN_GENES[method]} genes, got {n_genes}; keep more genes (check "
+            f"--n-top-genes and that the genes vary across samples). Fewest genes per method: "
+            f"{min_genes_text()}.")
 #: Clustered order is the default: on every data set in docs/benchmarks.md#accuracy whose genes the
 #: annotation cannot place, it beat input order (balanced accuracy SRBCT 0.928 vs 0.880, ALL mol.biol 0.633
 #: vs 0.537, ALL B/T 1.000 vs 0.973), it beat chromosome order on PBMC (0.627 vs 0.602; medulloblastoma 0.972
@@ -545,8 +561,7 @@ class DeepInsightLayout(_TransformerLayout):
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
-        if x.shape[1] < 3:
-            raise OmicsInputError(f"DeepInsight needs at least 3 genes, got {x.shape[1]}.")
+        check_gene_count("DeepInsight", "deepinsight", x.shape[1])
         self.size = self._fitted_size(x.shape[1])
         extractor = make_feature_extractor(self.feature_extractor, self.random_state)
         coords = _fit_transformer_coords(extractor, self.discretization, self.size, x)
@@ -569,8 +584,7 @@ class FotomicsLayout(_TransformerLayout):
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
-        if x.shape[1] < 3:
-            raise OmicsInputError(f"Fotomics needs at least 3 genes, got {x.shape[1]}.")
+        check_gene_count("Fotomics", "fotomics", x.shape[1])
         self.size = self._fitted_size(x.shape[1])
         coords = _fit_transformer_coords(FotomicsFFT(), self.discretization, self.size, x)
         self._place(coords[None], genes)
@@ -604,6 +618,7 @@ class MultiLayoutRGB(_TransformerLayout):
 
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
+        check_gene_count("rgb-layouts", "rgb-layouts", x.shape[1])
         self.size = self._fitted_size(x.shape[1])
         channels = [
             _fit_transformer_coords(make_feature_extractor(name, self.random_state),
@@ -654,11 +669,7 @@ class GridLayout(GeneLayout):
     def fit(self, x, genes=None):
         x, genes = _check_matrix(x, genes)
         n_genes = len(genes)
-        if n_genes < 2:
-            raise OmicsInputError(
-                f"a grid needs at least 2 genes, got {n_genes}; keep more genes (check --n-top-genes and "
-                "that the genes vary across samples)."
-            )
+        check_gene_count("a grid", "grid", n_genes)
         self.size = self._fitted_size(n_genes)
         self.info_ = {}
         if self.order == "input":
@@ -736,8 +747,7 @@ class SOMLayout(GeneLayout):
 
         x, genes = _check_matrix(x, genes)
         n_genes = x.shape[1]
-        if n_genes < 3:
-            raise OmicsInputError(f"a SOM layout needs at least 3 genes, got {n_genes}.")
+        check_gene_count("a SOM layout", "som", n_genes)
         self.size = self._fitted_size(n_genes)
         _check_pixel_grid(self.size)
         h, w = self.size
@@ -831,6 +841,7 @@ class RGBEmbedding(Layout):
         from sklearn.decomposition import PCA
 
         x, genes = _check_matrix(x, genes)
+        check_gene_count("rgb-embedding", "rgb-embedding", x.shape[1])
         self.genes_ = genes
         n_comp = max(2, min(self.n_pcs, x.shape[0] - 1, x.shape[1]))
         self.pca_ = PCA(n_components=n_comp, random_state=self.random_state).fit(x)

@@ -136,6 +136,31 @@ class PreprocessConfig:
     min_sample_fraction: float = 0.0
 
 
+def varies(x: np.ndarray) -> np.ndarray:
+    """Per column: does it vary beyond float rounding?  (``std > 0`` lets the noise normalisation leaves in a
+    constant matrix through, and then blank images train a chance model.)"""
+    x = np.asarray(x, dtype=np.float64)
+    scale = np.maximum(np.abs(x).max(axis=0, initial=0.0), 1.0)
+    return x.std(axis=0) > 1e-5 * scale
+
+
+def _nothing_varies(raw: np.ndarray, normalized: bool) -> str:
+    """Why no gene is left: the input is constant, or per-sample normalisation made it so."""
+    from .layouts import min_genes_text
+
+    if not varies(raw).any():
+        value = raw.flat[0] if raw.size else "none"
+        return (f"every value of the training samples is the same ({value:g}); a constant matrix has nothing "
+                "to image or learn: check the input matrix.")
+    reason = ""
+    if normalized:
+        reason = (f" after per-sample normalisation: normalize_total gives every sample the same total, so with "
+                  f"{raw.shape[1]} gene(s) {'it is' if raw.shape[1] == 1 else 'they are'} constant although the "
+                  "input varies (pass --log-scale if the values are already normalised)")
+    return (f"no gene varies across the training samples{reason}; keep more genes. Fewest genes per method: "
+            f"{min_genes_text()}.")
+
+
 class Preprocessor:
     """Fold-safe preprocessing: fit on training samples, transform any samples.
 
@@ -186,9 +211,9 @@ class Preprocessor:
         keep = np.ones(norm.n_vars, dtype=bool)
         if cfg.min_sample_fraction > 0:
             keep &= (x > 0).mean(axis=0) >= cfg.min_sample_fraction
-        keep &= x.std(axis=0) > 0  # constant genes carry nothing and break dispersion bins
+        keep &= varies(x)  # constant genes carry nothing and break dispersion bins
         if not keep.any():
-            raise OmicsInputError("no gene varies across the training samples; check the input matrix.")
+            raise OmicsInputError(_nothing_varies(dense_matrix(adata), norm.uns["omicsimage"]["normalized"]))
         candidates = norm[:, keep].copy()
         if cfg.n_top_genes is not None and cfg.n_top_genes < candidates.n_vars:
             if self.log_scale_:
