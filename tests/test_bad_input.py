@@ -507,3 +507,30 @@ def test_one_varying_gene_explains_normalisation_and_names_each_minimum(tmp_path
     pd.DataFrame({"G0": np.arange(1.0, 7.0)}, index=[f"s{i}" for i in range(6)]).to_csv(path)
     line = cli_error(capsys, ["render", path, "--samples-in-rows", "--method", "deepinsight", "--out", tmp_path / "o"])
     assert "after per-sample normalisation" in line and "deepinsight 3" in line and "grid 2" in line
+
+
+def test_devices_beyond_the_cpu_cores_are_capped_with_a_note(capsys):
+    """--devices 99 on a CPU machine: as many gloo processes as cores this process may use, said in a note."""
+    import os
+
+    from napari_omicsimage.streaming.ddp import available_devices
+
+    cores = len(os.sched_getaffinity(0))
+    assert available_devices(99, "cpu") == cores
+    assert f"--devices 99, but this machine has {cores} CPU core(s): using {cores}" in capsys.readouterr().err
+    assert available_devices(1, "cpu") == 1 and capsys.readouterr().err == ""
+    with pytest.raises(OmicsInputError, match="at least 1"):
+        available_devices(0, "cpu")
+
+
+@pytest.mark.parametrize("orientation", ["genes_in_rows", "samples_in_rows"])
+def test_an_empty_gene_name_is_refused_not_read_as_nan(tmp_path, orientation):
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(6)]
+    genes[3] = ""
+    frame = pd.DataFrame(rng.integers(0, 50, (6, 8)), index=genes, columns=[f"s{j}" for j in range(8)])
+    path = tmp_path / "expr.csv"
+    (frame if orientation == "genes_in_rows" else frame.T).to_csv(path)
+    where = r"first column\): 1 row\(s\)" if orientation == "genes_in_rows" else r"header row\): 1 column\(s\)"
+    with pytest.raises(OmicsInputError, match=where + r" have no name .* 4 of 6"):
+        read_expression(path)

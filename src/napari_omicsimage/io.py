@@ -324,9 +324,12 @@ def _read_table(path: Path, notes: list[str] | None = None) -> pd.DataFrame:
             f"{frame.shape[1]} columns); it needs ids in the first column and a header row "
             f"(read as {_SEPARATOR_NAMES[fmt.sep]}-separated)."
         )
+    # before str() turns an empty id into a gene or sample called "nan"
+    _refuse_unnamed(frame.index, "row", f"{path.name} (first column)")
     frame.index = frame.index.astype(str)
     # pandas renames repeated header names ("TP53", "TP53.1"); read the raw header to catch them
     header = fmt.read_csv(path, header=None, nrows=1, dtype=str).iloc[0, 1:]
+    _refuse_unnamed(pd.Index(header), "column", f"{path.name} (header row)")
     if header.duplicated().any():
         repeated = list(header[header.duplicated()].unique()[:5])
         raise OmicsInputError(
@@ -495,12 +498,23 @@ def _duplicates(names: pd.Index) -> list[str]:
     return list(pd.Index(names)[pd.Index(names).duplicated()].unique()[:5])
 
 
+def _refuse_unnamed(names: pd.Index, axis: str, source: str = "the data") -> None:
+    """An empty (or NA) gene or sample name would become a name like "nan" and be ranked as one."""
+    empty = np.flatnonzero([pd.isna(n) or not str(n).strip() for n in names])
+    if len(empty):
+        raise OmicsInputError(
+            f"{source}: {len(empty)} {axis}(s) have no name (an empty id cell), the first at {axis} "
+            f"{empty[0] + 1} of {len(names)}; every gene and sample needs a name: fill it in or remove it.")
+
+
 def validate_matrix(adata: ad.AnnData) -> None:
     """Raise :class:`OmicsInputError` for empty data, duplicate names or NaN/Inf values."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise OmicsInputError(
             f"the data hold {adata.n_obs} samples × {adata.n_vars} genes; need at least one of each."
         )
+    _refuse_unnamed(adata.var_names, "gene")
+    _refuse_unnamed(adata.obs_names, "sample")
     dup_genes = _duplicates(adata.var_names)
     if dup_genes:
         raise OmicsInputError(

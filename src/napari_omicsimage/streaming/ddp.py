@@ -60,6 +60,25 @@ def choose_backend(devices: int, device: str = "auto") -> str:
     return "gloo"
 
 
+def available_devices(devices: int, device: str = "auto") -> int:
+    """``--devices`` capped at what is here, with a note: the GPUs present, or on CPU the cores this
+    process may use (more gloo processes than cores only slow each other down)."""
+    import torch
+
+    if devices < 1:
+        raise OmicsInputError(f"--devices must be at least 1, got {devices}.")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(device).startswith("cuda") or (device == "auto" and gpus):
+        have, what = gpus, "GPU(s)"
+    else:
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, \
+            "CPU core(s)"
+    if devices > have >= 1:
+        print(f"note: --devices {devices}, but this machine has {have} {what}: using {have}", file=sys.stderr)
+        return have
+    return devices
+
+
 def train_distributed_cli(args, config, layout_spec: dict, options) -> int:
     """``omicsimage train --devices N`` (or under torchrun): train with DDP and write ``args.out`` from rank 0."""
     import torch.multiprocessing as mp
@@ -69,9 +88,7 @@ def train_distributed_cli(args, config, layout_spec: dict, options) -> int:
         backend = choose_backend(world, config.device)
         _worker(int(os.environ["RANK"]), world, backend, "env://", args, config, layout_spec, options)
         return 0
-    devices = int(args.devices)
-    if devices < 1:
-        raise OmicsInputError(f"--devices must be at least 1, got {devices}.")
+    devices = available_devices(int(args.devices), config.device)
     if int(config.batch_size) % devices:
         raise OmicsInputError(f"--batch-size {config.batch_size} does not split over {devices} processes; "
                               f"use a multiple of {devices} (it is the global batch).")
