@@ -119,13 +119,14 @@ def _holder(claim: Path) -> int | None:
     return pid
 
 
-#: set by a process that holds claims, so that the processes it starts (DDP workers) count them as theirs
-_CLAIMING_PROCESS = "OMICSIMAGE_CLAIMING_PID"
+#: set (to its process id) by a run for the processes it starts itself (DDP workers), which then count
+#: that run's claims as theirs; any other process, a second run included, is refused
+CLAIMING_PROCESS = "OMICSIMAGE_CLAIMING_PID"
 
 
 def _refuse_if_held(claim: Path, out) -> None:
     pid = _holder(claim)
-    if pid is not None and pid != os.getpid() and str(pid) != os.environ.get(_CLAIMING_PROCESS):
+    if pid is not None and pid != os.getpid() and str(pid) != os.environ.get(CLAIMING_PROCESS):
         raise OmicsInputError(f"another run (process {pid}) is writing to {out}; wait for it to finish, "
                               "or choose another --out.")
 
@@ -139,7 +140,7 @@ def claim_output(out) -> None:
     """
     target = _resolved(out)
     places = _claims_of(target)
-    if any(claim in _CLAIMS or str(_holder(claim)) == os.environ.get(_CLAIMING_PROCESS) for claim in places):
+    if any(claim in _CLAIMS or str(_holder(claim)) == os.environ.get(CLAIMING_PROCESS) for claim in places):
         return  # held by this process, or by the run that started it
     for claim in places:
         _refuse_if_held(claim, out)
@@ -155,7 +156,6 @@ def claim_output(out) -> None:
             stream.write(str(os.getpid()))
         if not _CLAIMS:
             atexit.register(release_claims)
-            os.environ.setdefault(_CLAIMING_PROCESS, str(os.getpid()))
         _CLAIMS.add(claim)
         return
     raise OmicsInputError(f"could not claim {out} (runs keep starting on it); choose another --out.")

@@ -34,6 +34,7 @@ from pathlib import Path
 from ..checkpoint import layout_state, restore_layout, save_checkpoint
 from ..errors import OmicsInputError
 from ..models import build_model
+from ..outputs import CLAIMING_PROCESS
 from ..preprocess import Preprocessor
 from ..training import TrainedModel
 from .run import StageTimer, fit_inputs, fit_network_streaming, label_codes
@@ -96,8 +97,12 @@ def train_distributed_cli(args, config, layout_spec: dict, options) -> int:
     address = f"tcp://127.0.0.1:{_free_port()}"
     print(f"training on {devices} {'GPUs (nccl)' if backend == 'nccl' else 'CPU processes (gloo)'} with "
           f"DistributedDataParallel, global batch {config.batch_size}", file=sys.stderr)
-    mp.start_processes(_worker, args=(devices, backend, address, args, config, layout_spec, options),
-                       nprocs=devices, join=True, start_method="spawn")
+    os.environ[CLAIMING_PROCESS] = str(os.getpid())  # the workers write the --out this run claimed
+    try:
+        mp.start_processes(_worker, args=(devices, backend, address, args, config, layout_spec, options),
+                           nprocs=devices, join=True, start_method="spawn")
+    finally:
+        os.environ.pop(CLAIMING_PROCESS, None)
     return 0
 
 
