@@ -10,12 +10,11 @@ from conftest import make_planted
 from napari_omicsimage import training
 from napari_omicsimage.attribution import (
     GENE_METHODS,
-    AttributionCancelled,
     RenderedNetwork,
     contrast_logits,
     gene_attributions,
 )
-from napari_omicsimage.errors import OmicsInputError
+from napari_omicsimage.errors import Cancelled, OmicsInputError
 from napari_omicsimage.explain import explain
 from napari_omicsimage.layouts import GridLayout, RGBEmbedding
 from napari_omicsimage.models import build_model
@@ -261,7 +260,7 @@ def test_bad_requests_are_clear_errors():
         gene_attributions(rgb, x)
     with pytest.raises(OmicsInputError, match="no gene mapping exists"):
         RenderedNetwork(RGBEmbedding(size=16), trained.model)
-    with pytest.raises(AttributionCancelled):
+    with pytest.raises(Cancelled):
         gene_attributions(trained, x, progress=lambda event: True)
 
 

@@ -241,11 +241,11 @@ def test_overwrite_replaces_only_checkpoints_this_tool_wrote(trained_and_data, s
 
 
 def test_a_model_cancelled_before_its_first_epoch_is_an_error(tmp_path):
-    from napari_omicsimage.errors import TrainingCancelled
+    from napari_omicsimage.errors import Cancelled
 
     adata, _ = make_planted(n_samples=24, n_genes=20)
     config = TrainConfig(epochs=2, batch_size=8, device="cpu", preprocess=PreprocessConfig(n_top_genes=None))
-    with pytest.raises(TrainingCancelled, match="before its first epoch"):
+    with pytest.raises(Cancelled, match="before its first epoch"):
         train(adata, "label", {"method": "grid"}, config, progress=lambda event: True)
 
 

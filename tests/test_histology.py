@@ -353,9 +353,9 @@ def test_predicted_expression_goes_through_imagify_and_train(st_sections):
 
 
 def test_fit_cancels_when_the_progress_callback_says_so(st_sections):
-    from napari_omicsimage.histology.features import FeaturesCancelled
+    from napari_omicsimage.errors import Cancelled
 
-    with pytest.raises(FeaturesCancelled):
+    with pytest.raises(Cancelled):
         fit(st_sections, WEIGHT_FREE, progress=lambda event: True)
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import shared_path
 from histology_fixtures import make_st_section
 
-from napari_omicsimage.errors import CheckpointError, OmicsInputError, TrainingCancelled
+from napari_omicsimage.errors import Cancelled, CheckpointError, OmicsInputError
 from napari_omicsimage.histology import (
     HistologyConfig,
     fit,
@@ -60,7 +60,7 @@ def test_fit_save_load_gives_identical_predictions_and_says_random(visium, tmp_p
 
 def test_cancel_before_the_first_epoch_gives_no_model_and_later_keeps_the_finished_epoch(visium):
     config = HistologyConfig(**{**FAST, "epochs": 3}, n_genes=3)
-    with pytest.raises(TrainingCancelled, match="first epoch"):
+    with pytest.raises(Cancelled, match="first epoch"):
         fit([visium], config, progress=lambda event: event.stage == "batch")
     model = fit([visium], config, progress=lambda event: event.stage == "epoch")
     assert model.cancelled and len(model.history) == 1

@@ -8,7 +8,7 @@ import pytest
 
 import napari_omicsimage.streaming.lazy as lazy
 from napari_omicsimage._hover import ImageSet
-from napari_omicsimage.errors import OmicsInputError, WorkCancelled
+from napari_omicsimage.errors import Cancelled, OmicsInputError
 from napari_omicsimage.pipeline import imagify
 from napari_omicsimage.streaming import open_cells
 from napari_omicsimage.streaming.lazy import LazyCells, class_means, imagify_cells, is_lazy
@@ -131,11 +131,11 @@ def test_rgb_embedding_cannot_be_lazy_and_a_cancel_stops_the_pass(counts_file):
         imagify_cells(adata, "rgb-embedding", label_column="cell_type")
     stages = []
 
-    def progress(stage, done, total):
-        stages.append(stage)
-        return stage == "class means" and done > 0
+    def progress(event):
+        stages.append(event.stage)
+        return event.stage == "class means" and event.done > 0
 
-    with pytest.raises(WorkCancelled, match="class means"):
+    with pytest.raises(Cancelled, match="class means"):
         imagify_cells(adata, "grid", label_column="cell_type", layout_params=GRID, progress=progress)
     assert stages[0].startswith("preprocessing") and "class means" in stages
     with pytest.raises(OmicsInputError, match="gene layouts"):

@@ -8,7 +8,8 @@ from conftest import make_planted
 from napari_omicsimage.errors import OmicsInputError
 from napari_omicsimage.layouts import GeneLayout
 from napari_omicsimage.preprocess import PreprocessConfig
-from napari_omicsimage.training import ProgressEvent, TrainConfig, TrainedModel, train
+from napari_omicsimage.progress import ProgressEvent
+from napari_omicsimage.training import TrainConfig, TrainedModel, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -119,7 +120,8 @@ def test_prediction_fills_missing_genes_and_refuses_too_many(small_planted):
     fewer = adata[:, genes[5:]].copy()
     frame = trained.predict(fewer)
     assert frame.attrs["n_missing_genes"] == 5
-    assert trained.missing_genes_ == genes[:5]
+    assert frame.attrs["missing_genes"] == list(genes[:5])
+    assert not hasattr(trained, "missing_genes_")  # predict leaves the model as it was
     x, _ = trained.prepare(fewer)
     assert np.allclose(x[:, :5], trained.fill_values[:5])  # neutral training means, not zeros
     with pytest.raises(OmicsInputError, match="missing"):

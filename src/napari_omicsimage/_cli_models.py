@@ -179,8 +179,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _report_missing(trained) -> None:
-    missing = getattr(trained, "missing_genes_", [])
+def _report_missing(trained, adata) -> None:
+    missing = trained.missing_genes(adata)
     if missing:
         print(f"{len(missing)} of the model's {len(trained.genes)} genes are missing from the input and were "
               f"filled with their training mean, e.g. {missing[:5]}", file=sys.stderr)
@@ -199,13 +199,13 @@ def cmd_predict(args) -> int:
 
         summary = predict_streaming(trained, adata, out, label_column=label_column, overwrite=args.overwrite,
                                     inputs=command_inputs(args), **_max_missing(args))
-        _report_missing(trained)
+        _report_missing(trained, adata)
         if summary.accuracy is not None:
             print(f"accuracy on the {summary.n_cells} labelled samples: {summary.accuracy:.3f}")
         print(f"predicted {summary.n_cells} samples: {summary.counts}; wrote {out}")
         return 0
     frame = trained.predict(adata, **_max_missing(args))
-    _report_missing(trained)
+    _report_missing(trained, adata)
     if label_column is not None:
         truth = adata.obs[label_column].astype(str).to_numpy()
         frame.insert(1, "true", truth)
@@ -250,13 +250,13 @@ def cmd_explain(args) -> int:
         chosen = adata if len(rows) == adata.n_obs else adata[rows].copy()
         result = explain(trained, chosen, args.method, label_column, seed=args.seed, **options)
         summary = write_explanation(result, trained.layout, tmp, top_genes=args.top_genes,
-                                    n_missing_genes=len(getattr(trained, "missing_genes_", [])),
+                                    n_missing_genes=len(trained.missing_genes(adata)),
                                     selection=selection)
         done.update(summary=summary, tables={name: result.class_table(trained.layout, name)
                                              for name in result.class_members})
 
     write_output_dir(out, fill, overwrite=args.overwrite, inputs=command_inputs(args))
-    _report_missing(trained)
+    _report_missing(trained, adata)
     summary = done["summary"]
     selection = summary["selection"]
     which = (f"{summary['n_samples']} samples" if selection["cells_per_class"] == "all" else

@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OmicsInputError
+from .errors import Cancelled, OmicsInputError
 from .layouts import NO_GENE_MAP
-from .training import ProgressEvent
+from .progress import ProgressEvent
 
 #: Gene attribution methods; the first is the default everywhere genes are ranked.
 GENE_METHODS = ("integrated-gradients", "gradient", "gradient-x-input", "smoothgrad", "gradient-shap")
@@ -81,10 +81,6 @@ _BASELINE_WORDS = {
     "custom": "a profile given by the caller",
     "profiles": "reference profiles given by the caller",
 }
-
-
-class AttributionCancelled(Exception):
-    """The progress callback asked to stop; no partial attribution is returned."""
 
 
 def contrast_logits(logits):
@@ -273,7 +269,7 @@ def gene_attributions(trained, x, method: str = DEFAULT_GENE_METHOD, target=None
     GradientSHAP's.  ``contrastive=True`` also attributes the target's contrast
     (its logit minus the mean of the other logits) into ``.contrastive``, at
     twice the cost.  ``progress(ProgressEvent)`` hears each batch; returning
-    ``True`` stops with :class:`AttributionCancelled`.
+    ``True`` stops with :class:`Cancelled`.
     """
     import torch
 
@@ -333,7 +329,7 @@ def gene_attributions(trained, x, method: str = DEFAULT_GENE_METHOD, target=None
                         baseline_output[start:stop] = _output(forwards["values"], reference.expand_as(inputs),
                                                               batch_target)
                 if progress is not None and progress(ProgressEvent("batch", batch=b, n_batches=n_batches)) is True:
-                    raise AttributionCancelled("gene attribution cancelled")
+                    raise Cancelled("gene attribution cancelled")
     finally:
         np.random.set_state(numpy_state)
         model.train(was_training)

@@ -14,9 +14,10 @@ class CheckpointError(OmicsInputError):
     """A model checkpoint that is corrupted, truncated, foreign or incompatible."""
 
 
-class TrainingCancelled(OmicsInputError):
-    """A run cancelled before anything usable finished (no epoch, no fold): there is no result to use."""
+class Cancelled(OmicsInputError):
+    """Work stopped because its progress callback asked to (see :mod:`napari_omicsimage.progress`) before
+    anything usable finished (no epoch, no fold, no file): there is no result to use.
 
-
-class WorkCancelled(OmicsInputError):
-    """Long work (reading, imagifying) stopped because its progress callback asked to cancel; nothing is kept."""
+    The only cancellation exception of the package.  It is an :class:`OmicsInputError` so the CLI
+    reports it as one line like any refusal; a widget tells it from a failure with ``isinstance``.
+    """

@@ -29,15 +29,14 @@ import numpy as np
 import pandas as pd
 
 from . import reports
-from .errors import OmicsInputError, TrainingCancelled
+from .errors import Cancelled, OmicsInputError
 from .io import check_labels
 from .models import resolve_device
 from .outputs import write_output_dir
 from .preprocess import Preprocessor
+from .progress import Progress, ProgressEvent
 from .training import (
     ImageBatches,
-    Progress,
-    ProgressEvent,
     TrainConfig,
     class_indices,
     fit_layout,
@@ -347,7 +346,7 @@ def run_folds(adata: ad.AnnData, label_column: str, layout_spec: dict, config: T
             break
 
     if not fold_rows:
-        raise TrainingCancelled("cross-validation was cancelled before any fold finished; nothing to report.")
+        raise Cancelled("cross-validation was cancelled before any fold finished; nothing to report.")
     mean, sd = _summary(fold_rows)
     metrics = {"folds": fold_rows, "mean": mean, "sd": sd, "classes": classes, "n_samples": len(y),
                "class_counts": {c: int((labels == c).sum()) for c in classes},

@@ -34,6 +34,7 @@ import numpy as np
 
 from .annotation import chromosome_positions
 from .errors import OmicsInputError
+from .progress import ProgressEvent
 from .render import PixelMap, check_image_memory
 
 METHODS = ("deepinsight", "fotomics", "rgb-embedding", "rgb-layouts", "grid", "som")
@@ -899,7 +900,7 @@ class RGBEmbedding(Layout):
             raise OmicsInputError(f"expected {len(self.genes_)} genes, got {x.shape[1]}.")
         images = self._draw(self._embeddings(self.pca_.transform(x)))
         if progress is not None:
-            progress(len(x), len(x))
+            progress(ProgressEvent.count("render", len(x), len(x)))
         if device is not None:
             import torch
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .errors import OmicsInputError
-
-Progress = Callable[[int, int], None]
-
+from .progress import Progress, ProgressEvent
 
 # Samples per sparse product and pixels per copied tile: a (pixels × 128)
 # float32 intermediate is ~25 MB at 224², and 2048 × 128 tiles stay in cache.
@@ -250,7 +248,7 @@ class PixelMap:
                 block = np.asarray(x[chunk:chunk_stop], dtype=np.float32)
                 _render_chunk(block, matrix, flat_out[chunk:chunk_stop])
             if progress is not None:
-                progress(stop, n)
+                progress(ProgressEvent.count("render", stop, n))
         if fill_value != 0:
             flat_out[:, empty] = fill_value
         return out
@@ -271,7 +269,7 @@ class PixelMap:
             stop = min(start + step, n)
             flat_out[start:stop] = (x[start:stop] @ matrix).toarray()
             if progress is not None:
-                progress(stop, n)
+                progress(ProgressEvent.count("render", stop, n))
         if fill_value != 0:
             flat_out[:, np.diff(self._pixel_ptr) == 0] = fill_value
         return out

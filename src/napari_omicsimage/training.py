@@ -24,11 +24,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .errors import OmicsInputError, TrainingCancelled
+from .errors import Cancelled, OmicsInputError
 from .io import check_labels
 from .layouts import Layout, make_layout
 from .models import MAX_MISSING_FRACTION, MODEL_NAMES, align_genes, build_model, resolve_device
 from .preprocess import PreprocessConfig, Preprocessor
+from .progress import Progress, ProgressEvent, wants_cancel
 
 log = logging.getLogger(__name__)
 
@@ -97,48 +98,6 @@ class TrainConfig:
         values = dict(values)
         values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
         return cls(**values)
-
-
-@dataclass
-class ProgressEvent:
-    """What a progress callback hears.
-
-    ``stage`` is ``"batch"`` (after every optimiser step; ``loss`` is that
-    batch's), ``"epoch"`` (``loss`` is the epoch's mean training loss,
-    ``metrics`` holds ``train_accuracy``), ``"fold"`` (cross-validation: a fold
-    finished, ``metrics`` holds its test metrics) or ``"done"``.  Counters are
-    0-based; ``n_*`` are totals.
-    """
-
-    stage: str
-    fold: int | None = None
-    n_folds: int | None = None
-    epoch: int | None = None
-    n_epochs: int | None = None
-    batch: int | None = None
-    n_batches: int | None = None
-    loss: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        parts = []
-        if self.fold is not None:
-            parts.append(f"fold {self.fold + 1}/{self.n_folds}")
-        if self.epoch is not None:
-            parts.append(f"epoch {self.epoch + 1}/{self.n_epochs}")
-        if self.batch is not None:
-            parts.append(f"batch {self.batch + 1}/{self.n_batches}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        parts += [f"{k} {v:.3f}" for k, v in self.metrics.items() if isinstance(v, (int, float))]
-        return f"{self.stage}: " + ", ".join(parts)
-
-
-Progress = Callable[[ProgressEvent], Any]
-
-
-def _wants_cancel(progress: Progress | None, event: ProgressEvent) -> bool:
-    return bool(progress is not None and progress(event) is True)
 
 
 # ================================================================ image feed
@@ -326,7 +285,7 @@ def train_loop(model, source, config: TrainConfig, *, progress: Progress | None 
             seen += len(targets)
             event = ProgressEvent("batch", fold, n_folds, epoch, int(config.epochs), b, n_batches,
                                   batch_loss, metrics)
-            if _wants_cancel(progress, event):
+            if wants_cancel(progress, event):
                 cancelled = True
                 break
             if max_steps is not None and steps >= max_steps:
@@ -342,7 +301,7 @@ def train_loop(model, source, config: TrainConfig, *, progress: Progress | None 
         finished_state = copy.deepcopy(model.state_dict())
         event = ProgressEvent("epoch", fold, n_folds, epoch, int(config.epochs), None, None, epoch_loss,
                               {k: v for k, v in record.items() if k == "train_accuracy"})
-        if _wants_cancel(progress, event):
+        if wants_cancel(progress, event):
             cancelled = True
             break
         if max_steps is not None and steps >= max_steps:
@@ -427,11 +386,10 @@ class TrainedModel:
 
         Genes the model needs but ``adata`` lacks are filled with their mean
         preprocessed training value (a neutral value: the network sees the
-        average sample there).  How many were missing is kept in
-        :attr:`missing_genes_`; past ``max_missing_fraction`` this refuses.
+        average sample there).  Which were missing: :meth:`missing_genes`; past
+        ``max_missing_fraction`` this refuses.  The model is not changed.
         """
         aligned, missing = align_genes(adata, self.genes, max_missing_fraction=max_missing_fraction)
-        self.missing_genes_ = missing
         if missing:
             log.warning("%d of %d model genes missing from the input; filled with training means",
                         len(missing), len(self.genes))
@@ -441,6 +399,11 @@ class TrainedModel:
             fill = self.fill_values if self.fill_values is not None else np.zeros(len(self.genes), np.float32)
             x[:, columns] = fill[columns]
         return x
+
+    def missing_genes(self, adata: ad.AnnData) -> list[str]:
+        """The model's genes that ``adata`` lacks (filled with training means when predicting), in model order."""
+        present = set(map(str, adata.var_names))
+        return [str(g) for g in self.genes if str(g) not in present]
 
     def prepare(self, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION):
         """``(x, images)`` for new samples: genes aligned by name, preprocessed, rendered.
@@ -462,14 +425,16 @@ class TrainedModel:
     def predict(self, adata: ad.AnnData, **options) -> pd.DataFrame:
         """One row per sample: ``sample``, ``predicted`` and ``prob_<class>`` per class.
 
-        ``frame.attrs["n_missing_genes"]`` says how many model genes the input lacked.
+        ``frame.attrs["missing_genes"]`` names the model genes the input lacked, ``frame.attrs["n_missing_genes"]``
+        counts them.
         """
         proba = self.predict_proba(adata, **options)
         frame = pd.DataFrame({"sample": np.asarray(adata.obs_names, dtype=str),
                               "predicted": np.asarray(self.classes, dtype=object)[proba.argmax(1)]})
         for k, name in enumerate(self.classes):
             frame[f"prob_{name}"] = proba[:, k]
-        frame.attrs["n_missing_genes"] = len(self.missing_genes_)
+        missing = self.missing_genes(adata)
+        frame.attrs["missing_genes"], frame.attrs["n_missing_genes"] = missing, len(missing)
         return frame
 
 
@@ -523,7 +488,7 @@ def train(adata: ad.AnnData, label_column: str, layout_spec: dict, config: Train
                                             progress=progress)
     if cancelled and not history:
         # the network is still its random initialisation: returning it would let it predict and be saved
-        raise TrainingCancelled("training was cancelled before its first epoch finished, so there is no model "
+        raise Cancelled("training was cancelled before its first epoch finished, so there is no model "
                                 "to predict with or save; train again and let at least one epoch finish.")
     trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes,
                            config=config, history=history, cancelled=cancelled, label_column=label_column,

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import OmicsInputError
+from ..errors import Cancelled, OmicsInputError
 from ._common import (
     button_row,
     cancel_button,
@@ -43,10 +43,6 @@ FEATURE_CHOICES = ["handcrafted+fourier", "resnet50", "efficientnet_b0", "densen
 #: model combo text → HistologyConfig.model
 MODEL_CHOICES = {"PCA + ridge on patch features (HEST)": "ridge",
                  "fine-tuned CNN head (ST-Net)": "finetune"}
-
-
-class _Cancelled(Exception):
-    pass
 
 
 class HistologyWidget(QWidget):
@@ -217,23 +213,18 @@ class HistologyWidget(QWidget):
 
     def fit_work(self, train_paths, section_path, image, config, scale, model=None):
         """Read, fit (unless ``model`` is given) and predict; runs in the worker thread."""
-        from ..errors import TrainingCancelled
         from ..histology import fit, read_section
-        from ..histology.features import FeaturesCancelled
 
         if not section_path:
             raise OmicsInputError("name the section to predict.")
-        try:
-            if model is None:
-                if not train_paths:
-                    raise OmicsInputError("give at least one training section (one per line).")
-                train = [read_section(p, scale=scale) for p in train_paths]
-                model = fit(train, config, progress=self._progress("fitting"))
-            section = read_section(section_path, image=image or None, scale=scale, require_counts=False)
-            predictions = model.predict(section, progress=self._progress("predicting"),
-                                        device=config.device if config is not None else None)
-        except (FeaturesCancelled, TrainingCancelled) as exc:
-            raise _Cancelled(str(exc)) from None
+        if model is None:
+            if not train_paths:
+                raise OmicsInputError("give at least one training section (one per line).")
+            train = [read_section(p, scale=scale) for p in train_paths]
+            model = fit(train, config, progress=self._progress("fitting"))
+        section = read_section(section_path, image=image or None, scale=scale, require_counts=False)
+        predictions = model.predict(section, progress=self._progress("predicting"),
+                                    device=config.device if config is not None else None)
         return model, section, predictions
 
     def _start(self, work) -> None:
@@ -292,7 +283,7 @@ class HistologyWidget(QWidget):
                                 f"batch {event.batch + 1}/{event.n_batches}, loss {event.loss:.3f}")
 
     def _failed(self, exc) -> None:
-        if isinstance(exc, _Cancelled):
+        if isinstance(exc, Cancelled):
             self.status.setText("cancelled: nothing was fitted")
             return
         self.status.setText("failed: " + report_error(exc))

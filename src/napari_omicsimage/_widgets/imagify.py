@@ -24,6 +24,7 @@ from ..layouts import (
 from .._hover import ImageSet
 from ..errors import OmicsInputError
 from ..pipeline import imagify
+from ..progress import ProgressEvent
 from ..streaming.lazy import imagify_cells
 from ._common import (
     button_row,
@@ -212,16 +213,17 @@ class ImagifyWidget(QWidget):
             if spec["method"] == "rgb-embedding":  # places samples, not genes: rendered at fit, in memory
                 return imagify(adata, spec["method"], size=spec["size"], label_column=label_column,
                                preprocess=preprocess, layout_params=params,
-                               progress=lambda done, total: relay.event.emit(("rendering images", done, total)))
+                               progress=lambda event: relay.event.emit(("rendering images", event.done,
+                                                                         event.n_batches or 0)))
 
-            def progress(stage, done, total):
-                relay.event.emit((stage, done, total))
+            def progress(event):
+                relay.event.emit((event.stage, event.done, event.n_batches or 0))
                 return cancel.is_set()
 
             # gene layouts: a lazy stack (napari renders the image under the slider), streamed class means
             result = imagify_cells(adata, spec["method"], size=spec["size"], label_column=label_column,
                                    preprocess=preprocess, layout_params=params, progress=progress)
-            progress("making the layers", 0, 0)
+            progress(ProgressEvent("making the layers"))
             imageset = ImageSet.from_imagified(result, label_column)
             return result, (imageset, make_layers(imageset))  # here, not in the window's thread
 

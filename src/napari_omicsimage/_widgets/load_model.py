@@ -152,8 +152,7 @@ class LoadModelWidget(QWidget):
         labels = imageset.labels if imageset.labels is not None else np.full(len(predicted), "")
         frame = pd.DataFrame({"sample": imageset.samples, "label": labels, "predicted": predicted,
                               "probability": probability})
-        missing = predictions.attrs.get("n_missing_genes", getattr(self.loaded, "missing_genes_", []))
-        n_missing = missing if isinstance(missing, int) else len(missing)
+        n_missing = predictions.attrs.get("n_missing_genes", 0)
         notes = []
         if imageset.labels is not None:
             known = np.isin(labels, self.loaded.classes)

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._hover import SaliencyView
-from ..errors import OmicsInputError
+from ..errors import Cancelled, OmicsInputError
 from ._common import (
     button_row,
     cancel_button,
@@ -39,10 +39,6 @@ FOLLOW_SLIDER = "each sample (follows the slider)"
 COLUMNS = ["rank", "gene", "attribution", "pixel_saliency", "expression", "pixel_genes", "row", "col"]
 #: images per saliency call: small enough to report progress and cancel often
 CHUNK = 32
-
-
-class _Cancelled(Exception):
-    pass
 
 
 class SaliencyWidget(QWidget):
@@ -140,7 +136,7 @@ class SaliencyWidget(QWidget):
             maps, attributions, predicted = [], [], []
             for start in range(0, len(images), CHUNK):
                 if cancel.is_set():
-                    raise _Cancelled()
+                    raise Cancelled()
                 chunk = np.asarray(images[start:start + CHUNK], dtype=np.float32)  # a lazy stack renders here
                 with torch.no_grad():
                     target = model(torch.as_tensor(chunk, device=device)).argmax(1).cpu().numpy()
@@ -180,7 +176,7 @@ class SaliencyWidget(QWidget):
         report_info("explanation ready: hover the image to see each gene's attribution")
 
     def _failed(self, exc) -> None:
-        if isinstance(exc, _Cancelled):
+        if isinstance(exc, Cancelled):
             self.status.setText("cancelled; no explanation kept")
             return
         self.status.setText(f"failed: {exc}")

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import OmicsInputError, TrainingCancelled
+from ..errors import Cancelled, OmicsInputError
 from ._common import (
     button_row,
     cancel_button,
@@ -36,10 +36,6 @@ from ._state import get_session, model_view
 MODEL_HELP = {"small": "small CNN: trains in seconds on a CPU", "resnet18": "ResNet-18 (slow on a CPU)",
               "efficientnet_b0": "EfficientNet-B0 (slow on a CPU)"}
 METRIC_COLUMNS = ["phase", "epoch", "loss", "train acc", "test acc", "baseline acc"]
-
-
-class _Cancelled(Exception):
-    """Raised inside the worker when a run was cancelled before anything usable finished."""
 
 
 class TrainWidget(QWidget):
@@ -185,16 +181,14 @@ class TrainWidget(QWidget):
             if folds >= 2:
                 try:
                     cv = cross_validate(adata, label_column, spec, config, folds=folds, progress=progress("cv"))
-                except OmicsInputError:
-                    if cancel.is_set():
-                        raise _Cancelled("cancelled before the first fold finished") from None
-                    raise
+                except Cancelled:
+                    raise Cancelled("cancelled before the first fold finished") from None
                 if cv.cancelled or cancel.is_set():
                     return None, cv, None
             try:
                 trained = train(adata, label_column, spec, config, progress=progress("final"))
-            except TrainingCancelled:
-                raise _Cancelled("cancelled before the first epoch finished") from None
+            except Cancelled:
+                raise Cancelled("cancelled before the first epoch finished") from None
             # the model's own images and predictions, here in the worker, not on the Qt main thread
             relay.event.emit(("view", n_phases, None))
             predictions = None
@@ -294,7 +288,7 @@ class TrainWidget(QWidget):
         return notes
 
     def _failed(self, exc) -> None:
-        if isinstance(exc, _Cancelled):
+        if isinstance(exc, Cancelled):
             self.status.setText(f"{exc}; nothing was kept")
             return
         self.status.setText(f"failed: {exc}")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from ..errors import OmicsInputError, TrainingCancelled
-from ..training import ProgressEvent
+from ..errors import Cancelled, OmicsInputError
+from ..progress import ProgressEvent
 from .features import FeatureExtractor, PatchFeatures, describe_features
 from .finetune import fit_finetuned, section_patches
 from .fitting import fit
@@ -190,7 +190,7 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
             try:
                 model = fit_finetuned(train, config, patches=patches, progress=progress, fold=k,
                                       n_folds=len(sections))
-            except TrainingCancelled:
+            except Cancelled:
                 model = None
             if model is None or model.cancelled:
                 notes.append(f"cancelled while training fold {k + 1} of {len(sections)} (held out "
@@ -232,7 +232,7 @@ def leave_one_section_out(sections: list[Section], config: HistologyConfig | Non
             break
     seconds["folds"] = time.perf_counter() - started
     if not fold_rows:
-        raise TrainingCancelled("the evaluation was cancelled before its first fold finished; there is nothing "
+        raise Cancelled("the evaluation was cancelled before its first fold finished; there is nothing "
                                 "to report.")
     notes.append("the training-mean predictor is constant on the held-out spots, so its Pearson r is undefined; "
                  "compare it by MSE")

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OmicsInputError
+from ..errors import Cancelled, OmicsInputError
 from ..models import _imagenet_state_dict, _local_state_dict, resolve_device
-from ..training import ProgressEvent, _autocast
+from ..progress import ProgressEvent
+from ..training import _autocast
 from .tiles import DEFAULT_PATCH_PX, grey, iter_patches, patch_side_px, shannon_entropy
 
 HANDCRAFTED = ("handcrafted", "fourier")
@@ -62,10 +63,6 @@ GLCM_DISTANCES = (1, 2, 4)
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 #: haematoxylin optical density above which a pixel counts as nuclear (H&E median ≈ 0.05, nuclei ≈ 0.15+)
 NUCLEAR_OD = 0.1
-
-
-class FeaturesCancelled(Exception):
-    """The progress callback asked to stop; no features are returned."""
 
 
 def parse_features(spec: str) -> list[str]:
@@ -361,5 +358,5 @@ class FeatureExtractor:
                                   metrics={"patches": float(rows.stop), "section": float(position[0]),
                                            "n_sections": float(position[1])})
             if progress is not None and progress(event) is True:
-                raise FeaturesCancelled(f"feature extraction cancelled{label}")
+                raise Cancelled(f"feature extraction cancelled{label}")
         return PatchFeatures(values, self.names, entropy, self.description)

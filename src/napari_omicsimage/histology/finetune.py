@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass, field
 import anndata as ad
 import numpy as np
 
-from ..errors import CheckpointError, TrainingCancelled
+from ..errors import Cancelled, CheckpointError
 from ..models import resolve_device
-from ..training import ProgressEvent, TrainConfig, _autocast, train_loop
-from .features import BACKBONES, FeaturesCancelled, build_backbone, normalise_patches
+from ..progress import ProgressEvent
+from ..training import TrainConfig, _autocast, train_loop
+from .features import BACKBONES, build_backbone, normalise_patches
 from .models import (
     EXPRESSION_SCALE,
     FittedModel,
@@ -71,7 +72,7 @@ def section_patches(section: Section, config: HistologyConfig, *, progress=None,
                               metrics={"patches": float(rows.stop), "section": float(position[0]),
                                        "n_sections": float(position[1])})
         if progress is not None and progress(event) is True:
-            raise FeaturesCancelled(f"reading patches cancelled{label}")
+            raise Cancelled(f"reading patches cancelled{label}")
     return SectionPatches(patches, shannon_entropy(patches))
 
 
@@ -191,7 +192,7 @@ def fit_finetuned(sections: list[Section], config: HistologyConfig, *, progress=
     ``patches`` (section name → :class:`SectionPatches`) skips reading;
     evaluation passes them so each section is read once.  Cancelled during
     training: the weights of the last finished epoch, with ``cancelled`` set
-    and a note; before the first epoch finished: :class:`TrainingCancelled`.
+    and a note; before the first epoch finished: :class:`Cancelled`.
     """
     import torch
 
@@ -214,7 +215,7 @@ def fit_finetuned(sections: list[Section], config: HistologyConfig, *, progress=
     history, cancelled = train_loop(network, source, loop_config, progress=progress, fold=fold, n_folds=n_folds,
                                     loss_fn=torch.nn.MSELoss())
     if cancelled and not history:
-        raise TrainingCancelled("fine-tuning was cancelled before its first epoch finished, so there is no model "
+        raise Cancelled("fine-tuning was cancelled before its first epoch finished, so there is no model "
                                 "to predict with or save; fit again and let at least one epoch finish.")
     if cancelled:
         notes.append(f"training cancelled after {len(history)} of {config.epochs} epochs: the weights are those "

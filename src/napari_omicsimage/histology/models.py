@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..checkpoint import package_versions
 from ..errors import CheckpointError, OmicsInputError
-from ..training import ProgressEvent
+from ..progress import ProgressEvent
 from .features import BACKBONES, FeatureExtractor, PatchFeatures, describe_features, parse_features
 from .reading import Section
 from .tiles import DEFAULT_PATCH_UM, shannon_select

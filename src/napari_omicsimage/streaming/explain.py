@@ -34,20 +34,17 @@ import warnings
 import anndata as ad
 import numpy as np
 
-from ..errors import OmicsInputError
+from ..errors import Cancelled, OmicsInputError
 from ..explain import ExplanationWriter, explain
 from ..models import MAX_MISSING_FRACTION
-from ..training import ImageBatches, ProgressEvent, class_indices, predict_proba
+from ..progress import ProgressEvent
+from ..training import ImageBatches, class_indices, predict_proba
 from .cells import BLOCK_ROWS, block_anndata, iter_row_blocks
 
 #: default cap on the cells explained per predicted class (``--cells-per-class``; ``all`` for every cell)
 DEFAULT_CELLS_PER_CLASS = 500
 #: cells explained per block (a multiple of the attribution batch of 32): a few MB of arrays per block
 EXPLAIN_BLOCK_ROWS = 512
-
-
-class ExplainCancelled(Exception):
-    """The progress callback asked to stop; nothing is written."""
 
 
 def predicted_classes(trained, adata: ad.AnnData, *, max_missing_fraction: float = MAX_MISSING_FRACTION,
@@ -62,7 +59,7 @@ def predicted_classes(trained, adata: ad.AnnData, *, max_missing_fraction: float
         out[done:done + len(part)] = proba.argmax(1)
         done += len(part)
         if progress is not None and progress(ProgressEvent("predict", batch=done - 1, n_batches=adata.n_obs)):
-            raise ExplainCancelled("explain was cancelled; nothing was written.")
+            raise Cancelled("explain was cancelled; nothing was written.")
     return out
 
 
@@ -152,8 +149,8 @@ def explain_streaming(trained, adata: ad.AnnData, folder, method: str | None = N
         writer.add(result)
         done += len(part)
         if progress is not None and progress(ProgressEvent("explain", batch=done - 1, n_batches=len(rows))):
-            raise ExplainCancelled("explain was cancelled; nothing was written.")
-    summary = writer.finish(n_missing_genes=len(getattr(trained, "missing_genes_", [])), selection=selection)
+            raise Cancelled("explain was cancelled; nothing was written.")
+    summary = writer.finish(n_missing_genes=len(trained.missing_genes(adata)), selection=selection)
     empty = summary["classes_without_samples"]
     if empty:
         warnings.warn(f"no sample for class(es) {empty} ({summary['grouping']}); they get no class-level map or "

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 
 from ..errors import OmicsInputError
 from ..preprocess import PreprocessConfig, Preprocessor, decide_scale, normalize_samples
+from ..progress import ProgressEvent
 from ..training import fit_layout
 from .cells import BLOCK_ROWS, block_anndata, iter_row_blocks, stratified_subsample
 
@@ -153,7 +154,7 @@ def qc_normalized_blocks(adata: ad.AnnData, rows: np.ndarray, *, log_scale: bool
         kept, block = part[passed], block[passed] if not passed.all() else block
         done += len(part)
         if progress is not None:
-            progress(done, len(rows))
+            progress(ProgressEvent.count("preprocessing (one pass over the cells)", done, len(rows)))
         if not len(kept):
             yield kept, sp.csr_matrix((0, adata.n_vars), dtype=np.float32), passed
             continue
@@ -173,7 +174,7 @@ def fit_preprocessor(adata: ad.AnnData, rows: np.ndarray | None = None, config: 
     ``training_nonzeros_`` (not saved in checkpoints) counts the stored
     values of the chosen genes over the cells that passed: what holding them
     in memory costs (:func:`napari_omicsimage.streaming.loader.cache_cells`).
-    ``progress(done, total)`` hears about every block.
+    ``progress(ProgressEvent)`` hears about every block.
     """
     cfg = config or PreprocessConfig()
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)

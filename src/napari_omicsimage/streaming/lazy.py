@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import anndata as ad
@@ -31,9 +30,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import OmicsInputError, WorkCancelled
+from ..errors import Cancelled, OmicsInputError
 from ..io import check_labels, reading_notes
 from ..preprocess import PreprocessConfig, Preprocessor
+from ..progress import Progress, ProgressEvent, wants_cancel
 from .cells import BLOCK_ROWS, iter_row_blocks, read_rows, stratified_subsample
 from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor, prepare_block, transform_rows
 
@@ -45,13 +45,9 @@ CACHE_CHUNKS = 16
 #: images rendered to choose the contrast limits of a lazy stack (a stratified sample of the cells)
 PREVIEW_CELLS = 256
 
-#: ``progress(stage, done, total)``; returning True cancels (raises :class:`~napari_omicsimage.errors.WorkCancelled`)
-StageProgress = Callable[[str, int, int], "bool | None"]
-
-
-def _report(progress: StageProgress | None, stage: str, done: int, total: int) -> None:
-    if progress is not None and progress(stage, done, total):
-        raise WorkCancelled(f"cancelled while {stage}; nothing was kept.")
+def _report(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if wants_cancel(progress, ProgressEvent.count(stage, done, total)):
+        raise Cancelled(f"cancelled while {stage}; nothing was kept.")
 
 
 class LazyCells:
@@ -172,7 +168,7 @@ class ClassMeans:
 
 
 def class_means(cells: LazyCells, labels, *, rows: np.ndarray | None = None, block_rows: int = BLOCK_ROWS,
-                progress: StageProgress | None = None) -> ClassMeans:
+                progress: Progress | None = None) -> ClassMeans:
     """Class means of the cells ``rows`` (default all) in one pass over blocks of ``block_rows`` cells.
 
     Per-class running sums (float64) of the preprocessed expression; the mean
@@ -226,7 +222,7 @@ def imagify_cells(adata: ad.AnnData, method: str = "deepinsight", *, size: int |
                   label_column: str | None = None, preprocess: PreprocessConfig | None = None,
                   layout_params: dict | None = None, layout_cells: int = DEFAULT_LAYOUT_CELLS,
                   chunk_cells: int = CHUNK_CELLS, seed: int = 0,
-                  progress: StageProgress | None = None) -> LazyImagified:
+                  progress: Progress | None = None) -> LazyImagified:
     """Preprocess, fit a gene layout and return lazily rendered images of every cell of ``adata``.
 
     A backed ``adata`` is preprocessed by a streaming pass
@@ -234,7 +230,7 @@ def imagify_cells(adata: ad.AnnData, method: str = "deepinsight", *, size: int |
     one as :func:`napari_omicsimage.pipeline.imagify` does (QC included).  The
     layout is fitted on at most ``layout_cells`` cells (stratified by label;
     all of them below that).  Nothing of size cells × genes or cells × pixels
-    is held.  ``progress(stage, done, total)`` returning True cancels.
+    is held.  ``progress(ProgressEvent)`` returning True cancels.
     """
     cfg = preprocess or PreprocessConfig()
     labels = None
@@ -246,8 +242,8 @@ def imagify_cells(adata: ad.AnnData, method: str = "deepinsight", *, size: int |
         raise OmicsInputError("the rgb-embedding method places every sample at fit time and cannot render "
                               "on demand; use a gene layout (deepinsight, fotomics, rgb-layouts, grid, som).")
     if adata.isbacked:
-        preprocessor = fit_preprocessor(adata, None, cfg, progress=lambda done, total: _report(
-            progress, "preprocessing (one pass over the cells)", done, total))
+        preprocessor = fit_preprocessor(adata, None, cfg, progress=lambda event: _report(
+            progress, event.stage, event.done, event.n_batches or 0))
     else:
         _report(progress, "preprocessing", 0, 0)
         preprocessor = Preprocessor(cfg).fit(adata)

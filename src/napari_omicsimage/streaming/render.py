@@ -21,7 +21,7 @@ from ..io import check_labels
 from ..outputs import NpyRows, write_output_dir
 from ..pipeline import render_notes, write_render_files
 from ..preprocess import PreprocessConfig
-from ..training import ProgressEvent
+from ..progress import ProgressEvent
 from .cells import iter_row_blocks
 from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor, prepare_block
 

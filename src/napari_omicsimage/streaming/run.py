@@ -18,12 +18,13 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from ..errors import OmicsInputError, TrainingCancelled
+from ..errors import Cancelled, OmicsInputError
 from ..io import check_labels
 from ..models import MAX_MISSING_FRACTION, build_model, resolve_device
 from ..outputs import write_output_file
 from ..preprocess import Preprocessor
-from ..training import ProgressEvent, TrainConfig, TrainedModel, class_indices, recalibrate_batchnorm, train_loop
+from ..progress import ProgressEvent
+from ..training import TrainConfig, TrainedModel, class_indices, recalibrate_batchnorm, train_loop
 from .cells import block_anndata, iter_row_blocks
 from .fit import DEFAULT_LAYOUT_CELLS, fit_layout_on_subsample, fit_preprocessor, training_rows
 from .loader import DEFAULT_CACHE_GB, CellBatches, StreamingBatches, cache_cells
@@ -134,7 +135,7 @@ def train_streaming(adata: ad.AnnData, label_column: str, layout_spec: dict, con
         adata, rows, y, len(classes), preprocessor, layout, subsample, config, options, device=device,
         progress=progress, timer=timer)
     if cancelled and not history:
-        raise TrainingCancelled("training was cancelled before its first epoch finished, so there is no model "
+        raise Cancelled("training was cancelled before its first epoch finished, so there is no model "
                                 "to predict with or save; train again and let at least one epoch finish.")
     trained = TrainedModel(model=model, preprocessor=preprocessor, layout=layout, classes=classes, config=config,
                            history=history, cancelled=cancelled, label_column=label_column,
@@ -193,7 +194,7 @@ def predict_streaming(trained: TrainedModel, adata: ad.AnnData, out: str | Path,
                 tally["done"] += len(part)
                 if progress is not None and progress(ProgressEvent("batch", batch=tally["done"] - 1,
                                                                    n_batches=adata.n_obs)) is True:
-                    raise TrainingCancelled("prediction was cancelled; nothing was written.")
+                    raise Cancelled("prediction was cancelled; nothing was written.")
 
     write_output_file(out, fill, overwrite=overwrite, inputs=inputs)
     n_done, n_right, n_missing = tally["done"], tally["right"], tally["missing"]
